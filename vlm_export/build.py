@@ -1,0 +1,221 @@
+"""`vlm-export build`: MODEL_DIR → verified bundle, one stage after another.
+
+Each stage is a function from files to files (export, fp16, int8, parity, report); this
+module only sequences them, stages the output and records everything in the manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vlm_export.bundle import BundleWriter
+from vlm_export.errors import InputError
+from vlm_export.families import ComponentSpec, LoadedModel, detect
+from vlm_export.progress import Reporter, SilentReporter
+from vlm_export.quantize import CalibrationMethod, FeedReader, Int8Config, batched_feeds, to_fp16, to_int8_cpu, to_int8_qdq
+from vlm_export.verify import ParityRecord
+
+PRECISIONS = ("fp32", "fp16", "int8")
+
+# Variant key → (precision, recipe, providers it is meant for).
+VARIANTS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "fp32": ("fp32", "export", ("cpu", "cuda", "tensorrt-ep", "tensorrt")),
+    "fp16": ("fp16", "fp16-keep-norms", ("cuda", "tensorrt-ep", "tensorrt")),
+    "int8": ("int8", "qdq-static", ("tensorrt-ep", "tensorrt", "cuda")),
+    "int8-cpu": ("int8", "dynamic-matmul", ("cpu",)),
+}
+
+
+def parse_precisions(text: str) -> tuple[str, ...]:
+    """"fp16,int8" → ("fp32", "fp16", "int8"): fp32 is the source of the others, always built."""
+    asked = [p.strip().lower() for p in text.split(",") if p.strip()]
+    unknown = [p for p in asked if p not in PRECISIONS]
+    if unknown or not asked:
+        raise InputError(f"unknown precision '{','.join(unknown) or text}' (--precision); known: {', '.join(PRECISIONS)}")
+    return tuple(p for p in PRECISIONS if p == "fp32" or p in asked)
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """Everything `build` needs; defaults match the CLI's."""
+
+    model_dir: Path
+    out: Path
+    precisions: tuple[str, ...] = PRECISIONS
+    calibration_dir: Path | None = None  # None: the default set of package photos
+    calibration_size: int = 128
+    calibration_method: CalibrationMethod = CalibrationMethod.MINMAX
+    parity_dir: Path | None = None  # None: the default parity photos
+    allow_drift: bool = False
+    force: bool = False
+    latency_runs: int = 20
+    seed: int = 0
+
+
+@dataclass
+class BuildResult:
+    out: Path
+    records: list[ParityRecord] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[ParityRecord]:
+        return [r for r in self.records if not r.passed]
+
+
+def _config_hash(model_dir: Path) -> str:
+    return hashlib.sha256((model_dir / "config.json").read_bytes()).hexdigest()
+
+
+def _images(folder: Path | None, flag: str, role: str, reporter: Reporter) -> list[tuple[str, Any]]:
+    from vlm_export.calibration.folder import load_image_folder
+
+    if folder is None:
+        from vlm_export.calibration import default_calibration_dir, default_parity_dir
+
+        folder = default_calibration_dir() if role == "calibration" else default_parity_dir()
+    return load_image_folder(Path(folder), flag, reporter.warn)
+
+
+def _calibration_feed(opts: BuildOptions, family: Any, loaded: LoadedModel, reporter: Reporter) -> dict[str, np.ndarray]:
+    from vlm_export.calibration.augment import random_resized_crops
+
+    if opts.calibration_size < 1:
+        raise InputError(f"--calibration-size must be at least 1 (got {opts.calibration_size})")
+    photos = [img for _, img in _images(opts.calibration_dir, "--calibration", "calibration", reporter)]
+    samples = random_resized_crops(photos, opts.calibration_size, seed=opts.seed)
+    with reporter.task("Preparing calibration samples", total=len(samples)) as task:
+        feeds = []
+        for i in range(0, len(samples), 16):
+            feeds.append(family.preprocess_images(loaded, samples[i : i + 16]))
+            task.advance(len(samples[i : i + 16]))
+    return {k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]}
+
+
+def _build_variants(
+    spec: ComponentSpec, writer: BundleWriter, opts: BuildOptions, calib: dict[str, np.ndarray] | None, reporter: Reporter
+) -> dict[str, Path]:
+    from vlm_export.export import check_against_torch, check_graph, export_component
+
+    paths: dict[str, Path] = {}
+    base = f"{spec.name}/{spec.name}"
+    with reporter.task(f"[{spec.name}] export FP32 ONNX (torch.onnx dynamo)") as _:
+        paths["fp32"] = export_component(spec, writer.path(f"{base}.fp32.onnx"))
+        check_graph(spec, paths["fp32"])
+        check_against_torch(spec, paths["fp32"])
+    if "fp16" in opts.precisions:
+        with reporter.task(f"[{spec.name}] FP16 (norms kept FP32)"):
+            paths["fp16"] = to_fp16(paths["fp32"], writer.path(f"{base}.fp16.onnx"))
+    if "int8" in opts.precisions and calib is not None:
+        feed = {t.name: calib[t.name] for t in spec.inputs}
+        reader = FeedReader(batched_feeds(feed, 8))
+        with reporter.task(f"[{spec.name}] INT8 QDQ calibration ({opts.calibration_method.value}, {len(reader)} batches)"):
+            paths["int8"] = to_int8_qdq(
+                paths["fp32"],
+                writer.path(f"{base}.int8.onnx"),
+                reader,
+                Int8Config(method=opts.calibration_method),
+                cache_path=writer.path(f"{spec.name}/calibration_cache.json"),
+            )
+        with reporter.task(f"[{spec.name}] INT8 for the CPU provider (dynamic MatMul)"):
+            paths["int8-cpu"] = to_int8_cpu(paths["fp32"], writer.path(f"{base}.int8-cpu.onnx"))
+    return paths
+
+
+def _parity(
+    spec: ComponentSpec, paths: dict[str, Path], parity_feed: dict[str, np.ndarray], opts: BuildOptions, reporter: Reporter
+) -> list[ParityRecord]:
+    from vlm_export.export import torch_outputs
+    from vlm_export.runtime.session import create_session
+    from vlm_export.verify import evaluate, measure, run_in_batches
+
+    feed = {t.name: parity_feed[t.name] for t in spec.inputs}
+    one = {k: v[:1] for k, v in feed.items()}
+    records = []
+    with reporter.task(f"[{spec.name}] parity vs PyTorch FP32", total=len(paths) + 1) as task:
+        reference = run_in_batches(lambda f: torch_outputs(spec, f), feed)
+        torch_latency = measure(lambda: torch_outputs(spec, one), runs=opts.latency_runs)
+        task.advance()
+        for key, path in paths.items():
+            session = create_session(path, "cpu")
+            names = [o.name for o in session.get_outputs()]
+            outputs = run_in_batches(lambda f: dict(zip(names, session.run(None, f))), feed)
+            record = evaluate(spec, key, VARIANTS[key][0], reference, outputs)
+            record.latency["cpu"] = measure(lambda: session.run(None, one), runs=opts.latency_runs)
+            record.latency["pytorch-eager-cpu"] = torch_latency
+            records.append(record)
+            task.advance()
+    return records
+
+
+def _component_manifest(spec: ComponentSpec, paths: dict[str, Path], writer: BundleWriter, records: list[ParityRecord]) -> dict[str, Any]:
+    passed = {r.variant: r.passed for r in records}
+    variants = {}
+    for key, path in paths.items():
+        precision, recipe, providers = VARIANTS[key]
+        rel = writer.relative(path)
+        variants[key] = {
+            "precision": precision,
+            "recipe": recipe,
+            "providers": list(providers),
+            "onnx": rel,
+            "sha256": writer.checksum(rel),
+            "bytes": path.stat().st_size,
+            "parity_passed": passed.get(key),
+            "engines": {},
+        }
+    return {
+        "inputs": [t.to_json() for t in spec.inputs],
+        "outputs": [t.to_json() for t in spec.outputs],
+        "parity_output": spec.parity_output,
+        "parity_kind": spec.parity_kind.value,
+        "opset": spec.opset,
+        "variants": variants,
+    }
+
+
+def build(opts: BuildOptions, reporter: Reporter | None = None) -> BuildResult:
+    """Run every stage and commit the bundle to `opts.out`; parity verdicts in the result."""
+    from vlm_export.report.markdown import write_report
+
+    reporter = reporter or SilentReporter()
+    family = detect(opts.model_dir)
+    with BundleWriter(opts.out, force=opts.force) as writer:
+        with reporter.task(f"Loading {family.name} model from {opts.model_dir}"):
+            loaded = family.load(opts.model_dir)
+        parity_images = _images(opts.parity_dir, "--parity-images", "parity", reporter)
+        parity_feed = family.preprocess_images(loaded, [img for _, img in parity_images])
+        calib = _calibration_feed(opts, family, loaded, reporter) if "int8" in opts.precisions else None
+        result = BuildResult(out=opts.out)
+        components = {}
+        for spec in family.components(loaded):
+            paths = _build_variants(spec, writer, opts, calib, reporter)
+            records = _parity(spec, paths, parity_feed, opts, reporter)
+            result.records.extend(records)
+            components[spec.name] = _component_manifest(spec, paths, writer, records)
+        parity = {
+            "samples": [name for name, _ in parity_images],
+            "records": [r.to_json() for r in result.records],
+        }
+        writer.write_json("parity.json", parity)
+        manifest = {
+            "family": family.name,
+            "source": {"path": str(opts.model_dir.absolute()), "config_sha256": _config_hash(opts.model_dir), "model_type": loaded.config["model_type"]},
+            "components": components,
+            "preprocess": dict(loaded.preprocess),
+            "labels": list(loaded.labels) if loaded.labels else None,
+            "parity": {"passed": not result.failed, "failed": [f"{r.component}/{r.variant}" for r in result.failed], "file": "parity.json"},
+            "build": {"precisions": list(opts.precisions), "calibration_method": opts.calibration_method.value, "calibration_size": opts.calibration_size, "seed": opts.seed},
+        }
+        write_report(writer.path("report.md"), manifest, parity)
+        writer.commit(manifest)
+    return result
+
+
+def load_parity(out: Path) -> dict[str, Any]:
+    return json.loads((Path(out) / "parity.json").read_text(encoding="utf-8"))

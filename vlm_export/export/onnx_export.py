@@ -1,0 +1,72 @@
+"""torch → ONNX for one ComponentSpec, with `torch.onnx.export(dynamo=True)`.
+
+Generic: never branches on the family. The spec gives the wrapper module, the input and
+output names and which axes are symbolic; this module turns the symbols into
+`torch.export.Dim`s (one Dim per symbol, shared across inputs) and writes one
+self-contained .onnx file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+from vlm_export.families.base import ComponentSpec
+
+# Dynamo traces with a batch of 2: a batch of 1 is specialised away by torch.export.
+EXPORT_BATCH = 2
+
+
+def _dynamic_shapes(spec: ComponentSpec) -> tuple[dict[int, Any], ...]:
+    from torch.export import Dim
+
+    dims: dict[str, Any] = {}
+    shapes = []
+    for tensor in spec.inputs:
+        axes = {}
+        for axis, symbol in tensor.dynamic_axes().items():
+            if symbol not in dims:
+                dims[symbol] = Dim(symbol, min=1, max=4096) if symbol == "batch" else Dim(symbol)
+            axes[axis] = dims[symbol]
+        shapes.append(axes)
+    return tuple(shapes)
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporter prints progress lines and warnings to stdout; keep the CLI readable."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        try:
+            yield
+        finally:
+            logger.setLevel(level)
+
+
+def export_component(spec: ComponentSpec, out_path: Path) -> Path:
+    """Export `spec.module` to `out_path` (FP32, opset `spec.opset`, weights inline)."""
+    import torch
+
+    feed = spec.example_inputs(EXPORT_BATCH)
+    args = tuple(torch.from_numpy(feed[t.name]) for t in spec.inputs)
+    with _quiet_exporter(), torch.no_grad():
+        program = torch.onnx.export(
+            spec.module,
+            args,
+            input_names=[t.name for t in spec.inputs],
+            output_names=[t.name for t in spec.outputs],
+            opset_version=spec.opset,
+            dynamo=True,
+            dynamic_shapes=_dynamic_shapes(spec),
+            optimize=True,
+            verbose=False,
+        )
+        program.save(str(out_path), external_data=False)
+    return out_path

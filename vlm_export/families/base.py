@@ -1,0 +1,111 @@
+"""Declarative descriptions of what a family exports.
+
+Why: the exporter, quantizer and parity checker are generic; they learn everything about
+a model from these frozen records, the way optimum's per-architecture OnnxConfigs
+describe inputs and dynamic axes. Only the family modules build them.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence
+
+if TYPE_CHECKING:  # build-time types only; importing this module never imports torch
+    import numpy as np
+    import torch
+
+
+Dim = int | str
+"""A tensor dimension: a fixed size or a symbol such as "batch" (dynamic)."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output: name, element type and shape with symbolic dims."""
+
+    name: str
+    dtype: str  # numpy dtype name: "float32", "int64"
+    shape: tuple[Dim, ...]
+
+    def dynamic_axes(self) -> dict[int, str]:
+        """Axes given by a symbol, e.g. {0: "batch"}."""
+        return {i: d for i, d in enumerate(self.shape) if isinstance(d, str)}
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+
+class ParityKind(str, enum.Enum):
+    """What a component's output means, which decides the metrics that matter."""
+
+    LOGITS = "logits"  # classifier: top-1 agreement and top-5 overlap on top of cosine
+    EMBEDDING = "embedding"  # feature vector or token features: cosine and abs errors
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Pass criteria of one variant; None means "not checked".
+
+    Defaults follow DESIGN.md: fp32 max_abs <= 1e-4 * scale, fp16 cosine >= 0.999,
+    int8 cosine >= 0.99 and top-1 agreement >= 0.98 where a classifier exists.
+    """
+
+    max_abs: float | None = None
+    cosine_min: float | None = None
+    top1_agreement: float | None = None
+
+    def to_json(self) -> dict[str, float]:
+        return {k: v for k, v in vars(self).items() if v is not None}
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """One exportable graph of a model.
+
+    `module` is a small torch wrapper whose forward takes the inputs in `inputs` order
+    and returns the outputs in `outputs` order. `parity_output` names the output that
+    the parity metrics compare (others are still checked for max_abs).
+    """
+
+    name: str
+    module: "torch.nn.Module"
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    example_inputs: Callable[[int], dict[str, "np.ndarray"]]  # batch size -> feed
+    parity_output: str
+    parity_kind: ParityKind = ParityKind.EMBEDDING
+    opset: int = 18
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model loaded from MODEL_DIR plus what the bundle needs besides the graphs."""
+
+    family: str
+    model: "torch.nn.Module"
+    model_dir: Path
+    config: Mapping[str, Any]
+    preprocess: Mapping[str, Any]  # the runtime's preprocessing config (see runtime.preprocess)
+    labels: Sequence[str] | None = None  # class names of a classifier, index-aligned
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+class Family(Protocol):
+    """What every family module provides."""
+
+    name: str
+    model_types: tuple[str, ...]
+
+    def load(self, model_dir: Path) -> LoadedModel:
+        """Load through the real `from_pretrained(local_files_only=True)`."""
+        ...
+
+    def components(self, loaded: LoadedModel) -> list[ComponentSpec]:
+        """The graphs to export, declared as data."""
+        ...
+
+    def preprocess_images(self, loaded: LoadedModel, images: Sequence[Any]) -> dict[str, "np.ndarray"]:
+        """Model inputs for a list of PIL images, through the model's own processor."""
+        ...

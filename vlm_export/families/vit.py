@@ -1,0 +1,135 @@
+"""ViT family: `ViTForImageClassification` classifiers and `Dinov2Model` backbones.
+
+Why both here: a DINOv2 backbone is a ViT (the vision tower of many VLMs); the only
+difference that matters to export is the head: logits for a classifier, the final
+LayerNorm tokens plus the CLS pooler for a backbone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from vlm_export.families.base import ComponentSpec, LoadedModel, ParityKind, TensorSpec
+from vlm_export.families.loading import load_pretrained, load_slow_image_processor
+
+
+@dataclass(frozen=True)
+class _Head:
+    """How one architecture of the family is loaded and what its graph returns."""
+
+    architecture: str
+    output_names: tuple[str, ...]
+    parity_output: str
+    parity_kind: ParityKind
+
+
+_HEADS: dict[str, _Head] = {
+    "vit": _Head("ViTForImageClassification", ("logits",), "logits", ParityKind.LOGITS),
+    "dinov2": _Head("Dinov2Model", ("last_hidden_state", "pooler_output"), "pooler_output", ParityKind.EMBEDDING),
+}
+
+
+def _wrapper(model: Any, output_names: tuple[str, ...]) -> Any:
+    """A module whose forward takes `pixel_values` and returns a plain tuple.
+
+    Why: the exporter needs tensors out, not a ModelOutput dataclass, and a fixed order.
+    """
+    import torch
+
+    class ImageTowerWrapper(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            out = self.model(pixel_values=pixel_values)
+            return tuple(out[name] for name in output_names)
+
+    return ImageTowerWrapper().eval()
+
+
+class VitFamily:
+    """ViT classifiers and DINOv2 backbones: one `vision` component."""
+
+    name = "vit"
+    model_types = tuple(_HEADS)
+
+    def load(self, model_dir: Path) -> LoadedModel:
+        from vlm_export.families.processor_config import preprocess_config_from_processor
+
+        config_json = _read_model_type_config(model_dir)
+        head = _HEADS[config_json["model_type"]]
+        model = load_pretrained(model_dir, head.architecture)
+        processor = load_slow_image_processor(model_dir)
+        labels = None
+        id2label = getattr(model.config, "id2label", None)
+        if head.parity_kind is ParityKind.LOGITS and id2label:
+            labels = [str(id2label[i]) for i in range(len(id2label))]
+        return LoadedModel(
+            family=self.name,
+            model=model,
+            model_dir=model_dir,
+            config=config_json,
+            preprocess=preprocess_config_from_processor(processor),
+            labels=labels,
+            extra={"processor": processor, "head": head},
+        )
+
+    def components(self, loaded: LoadedModel) -> list[ComponentSpec]:
+        head: _Head = loaded.extra["head"]
+        cfg = loaded.model.config
+        size = _crop_hw(loaded.preprocess)
+        channels = int(getattr(cfg, "num_channels", 3))
+        hidden = int(cfg.hidden_size)
+        outputs = {
+            "logits": TensorSpec("logits", "float32", ("batch", int(getattr(cfg, "num_labels", 0) or 0))),
+            "pooler_output": TensorSpec("pooler_output", "float32", ("batch", hidden)),
+            "last_hidden_state": TensorSpec(
+                "last_hidden_state", "float32", ("batch", _num_tokens(cfg, size), hidden)
+            ),
+        }
+
+        def example_inputs(batch: int) -> dict[str, np.ndarray]:
+            rng = np.random.default_rng(batch)
+            return {"pixel_values": rng.standard_normal((batch, channels, *size), dtype=np.float32)}
+
+        return [
+            ComponentSpec(
+                name="vision",
+                module=_wrapper(loaded.model, head.output_names),
+                inputs=(TensorSpec("pixel_values", "float32", ("batch", channels, *size)),),
+                outputs=tuple(outputs[n] for n in head.output_names),
+                example_inputs=example_inputs,
+                parity_output=head.parity_output,
+                parity_kind=head.parity_kind,
+            )
+        ]
+
+    def preprocess_images(self, loaded: LoadedModel, images: Sequence[Any]) -> dict[str, np.ndarray]:
+        processor = loaded.extra["processor"]
+        pixel_values = processor(images=list(images), return_tensors="np")["pixel_values"]
+        return {"pixel_values": np.asarray(pixel_values, dtype=np.float32)}
+
+
+def _read_model_type_config(model_dir: Path) -> dict[str, Any]:
+    from vlm_export.families.loading import read_config
+
+    return read_config(model_dir)
+
+
+def _crop_hw(preprocess: dict[str, Any] | Any) -> tuple[int, int]:
+    """The (height, width) the processor hands to the model."""
+    if preprocess.get("do_center_crop"):
+        crop = preprocess["crop_size"]
+        return int(crop["height"]), int(crop["width"])
+    size = preprocess["size"]
+    return int(size["height"]), int(size["width"])
+
+
+def _num_tokens(cfg: Any, size: tuple[int, int]) -> int:
+    patch = int(cfg.patch_size)
+    return 1 + (size[0] // patch) * (size[1] // patch)

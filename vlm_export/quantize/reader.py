@@ -1,0 +1,37 @@
+"""Calibration data readers: onnxruntime's one-method protocol over numpy feeds."""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import numpy as np
+
+
+def batched_feeds(samples: dict[str, np.ndarray], batch_size: int = 8) -> list[dict[str, np.ndarray]]:
+    """Split a dict of stacked arrays (first axis = sample) into feeds of `batch_size`."""
+    count = len(next(iter(samples.values())))
+    return [{k: v[i : i + batch_size] for k, v in samples.items()} for i in range(0, count, batch_size)]
+
+
+class FeedReader:
+    """A `CalibrationDataReader`: `get_next()` returns one feed, then None; rewindable.
+
+    Why its own class: ORT's calibrator may walk the data more than once (entropy and
+    percentile collect histograms), so `rewind()` restarts the walk.
+    """
+
+    def __init__(self, feeds: Sequence[dict[str, np.ndarray]]) -> None:
+        self._feeds = list(feeds)
+        self._iter: Iterator[dict[str, np.ndarray]] = iter(self._feeds)
+
+    def __len__(self) -> int:
+        return len(self._feeds)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._iter, None)
+
+    def rewind(self) -> None:
+        self._iter = iter(self._feeds)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self._iter = iter(self._feeds[start_index:end_index])

@@ -1,0 +1,78 @@
+"""report.md: what is in the bundle and whether each variant holds parity.
+
+Plain tables a reviewer reads first: per component × variant, the parity metrics
+against their tolerance, CPU latency and the ratio to PyTorch eager, and file size.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if abs(value) < 1e-3 or abs(value) >= 1e4 else f"{value:.{digits}f}"
+    return str(value)
+
+
+def parity_rows(manifest: dict[str, Any], parity: dict[str, Any]) -> list[list[str]]:
+    """One row per record: component, variant, verdict, metrics, latency, size."""
+    rows = []
+    for rec in parity["records"]:
+        m = rec["metrics"]
+        variant = manifest["components"][rec["component"]]["variants"][rec["variant"]]
+        cpu = rec["latency"].get("cpu", {})
+        torch_ms = rec["latency"].get("pytorch-eager-cpu", {}).get("p50_ms")
+        speedup = torch_ms / cpu["p50_ms"] if torch_ms and cpu.get("p50_ms") else None
+        rows.append(
+            [
+                rec["component"],
+                rec["variant"],
+                "PASS" if rec["passed"] else "FAIL: " + "; ".join(rec["failures"]),
+                _fmt(m["cosine_min"], 6),
+                _fmt(m["cosine_mean"], 6),
+                _fmt(m["max_abs"]),
+                _fmt(m.get("top1_agreement")),
+                _fmt(cpu.get("p50_ms"), 3),
+                _fmt(speedup, 3),
+                f"{variant['bytes'] / 1e6:.1f}",
+            ]
+        )
+    return rows
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def render(manifest: dict[str, Any], parity: dict[str, Any]) -> str:
+    header = ["component", "variant", "verdict", "cos min", "cos mean", "max abs", "top-1", "CPU p50 ms", "× PyTorch", "MB"]
+    verdict = "all variants hold parity" if manifest["parity"]["passed"] else "FAILED: " + ", ".join(manifest["parity"]["failed"])
+    src = manifest["source"]
+    parts = [
+        f"# vlm-export bundle: {manifest['family']} ({src['model_type']})",
+        "",
+        f"Source: `{src['path']}` (config sha256 {src['config_sha256'][:12]}…). Verdict: **{verdict}**.",
+        "",
+        f"Parity on {len(parity['samples'])} images: {', '.join(parity['samples'])}. Batch-1 latency on the ORT CPU provider; "
+        "× PyTorch = PyTorch FP32 eager p50 / variant p50, measured in the same run.",
+        "",
+        _table(header, parity_rows(manifest, parity)),
+        "",
+        "Variants and the providers they are meant for:",
+        "",
+    ]
+    for name, comp in manifest["components"].items():
+        for key, v in comp["variants"].items():
+            parts.append(f"- `{name}/{key}`: {v['recipe']}, for {', '.join(v['providers'])} (`{v['onnx']}`)")
+    return "\n".join(parts) + "\n"
+
+
+def write_report(path: Path, manifest: dict[str, Any], parity: dict[str, Any]) -> Path:
+    path.write_text(render(manifest, parity), encoding="utf-8")
+    return path

@@ -1,0 +1,146 @@
+"""Reading a bundle's manifest.json, refusing anything untrusted.
+
+Why strict: a bundle arrives on a device from elsewhere. Paths must stay inside the
+bundle (no `..`, no absolute paths, no symlinks out), checksums must match, and a newer
+format than this runtime understands is refused rather than half-read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vlm_export.errors import BundleError
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def resolve_inside(root: Path, relative: str) -> Path:
+    """`root / relative`, refusing absolute paths, `..` and symlinks that leave `root`."""
+    rel = Path(relative)
+    if rel.is_absolute() or ".." in rel.parts or not relative:
+        raise BundleError(f"manifest path '{relative}' is not a plain relative path inside the bundle '{root}'")
+    resolved = (root / rel).resolve()
+    if not resolved.is_relative_to(root.resolve()):
+        raise BundleError(f"manifest path '{relative}' resolves outside the bundle '{root}' (symlink?)")
+    return resolved
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One precision of one component: its file, checksum and intended providers."""
+
+    key: str
+    precision: str
+    path: Path
+    sha256: str
+    providers: tuple[str, ...]
+    recipe: str
+    parity_passed: bool | None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    root: Path
+    data: dict[str, Any]
+
+    @property
+    def family(self) -> str:
+        return str(self.data["family"])
+
+    @property
+    def components(self) -> dict[str, Any]:
+        return self.data["components"]
+
+    @property
+    def preprocess(self) -> dict[str, Any]:
+        return self.data.get("preprocess", {})
+
+    @property
+    def labels(self) -> list[str] | None:
+        return self.data.get("labels")
+
+    def variants(self, component: str) -> dict[str, Variant]:
+        raw = self.components[component]["variants"]
+        return {key: _variant(self.root, key, v) for key, v in raw.items()}
+
+
+def _variant(root: Path, key: str, raw: dict[str, Any]) -> Variant:
+    try:
+        return Variant(
+            key=key,
+            precision=str(raw["precision"]),
+            path=resolve_inside(root, str(raw["onnx"])),
+            sha256=str(raw["sha256"]),
+            providers=tuple(raw.get("providers", ())),
+            recipe=str(raw.get("recipe", "")),
+            parity_passed=raw.get("parity_passed"),
+        )
+    except KeyError as exc:
+        raise BundleError(f"manifest variant '{key}' in '{root}' lacks {exc}; rebuild the bundle") from None
+
+
+def read_manifest(root: Path) -> Manifest:
+    """Parse and validate OUT/manifest.json (format version, family, components)."""
+    root = Path(root)
+    path = root / MANIFEST_NAME
+    if not path.is_file():
+        raise BundleError(f"'{path}' not found: '{root}' is not a finished bundle (an interrupted build?); rebuild it")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"'{path}' is not valid JSON ({exc}); rebuild the bundle") from None
+    if not isinstance(data, dict):
+        raise BundleError(f"'{path}' is not a manifest object; rebuild the bundle")
+    version = data.get("format_version")
+    if not isinstance(version, int) or version < 1:
+        raise BundleError(f"'{path}' has no valid format_version; rebuild the bundle")
+    if version > FORMAT_VERSION:
+        raise BundleError(
+            f"'{path}' is format {version}, newer than this runtime understands ({FORMAT_VERSION}); upgrade vlm-export"
+        )
+    for key in ("family", "components"):
+        if key not in data:
+            raise BundleError(f"'{path}' lacks '{key}'; rebuild the bundle")
+    if not isinstance(data["components"], dict) or not data["components"]:
+        raise BundleError(f"'{path}' lists no components; rebuild the bundle")
+    return Manifest(root=root, data=data)
+
+
+def verify_file(variant: Variant) -> None:
+    """The file exists, is a regular file and its sha256 matches the manifest."""
+    if not variant.path.is_file():
+        raise BundleError(f"bundle file '{variant.path}' is missing; rebuild or re-copy the bundle")
+    actual = sha256_file(variant.path)
+    if actual != variant.sha256:
+        raise BundleError(f"checksum mismatch for '{variant.path}' (manifest {variant.sha256[:12]}…, file {actual[:12]}…)")
+
+
+def check_external_data(variant: Variant) -> None:
+    """Refuse ONNX files whose external-data references leave the bundle.
+
+    Why: onnxruntime would follow `location` fields wherever they point; a bundle must be
+    self-contained. Reads only the graph's tensor headers via the onnx package when
+    available, otherwise relies on the bundle writer's guarantee of inline weights.
+    """
+    try:
+        import onnx
+    except ImportError:  # runtime-only install: bundles are written with inline weights
+        return
+    model = onnx.load(str(variant.path), load_external_data=False)
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+            resolve_inside(variant.path.parent, location)

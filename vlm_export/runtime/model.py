@@ -1,0 +1,164 @@
+"""The on-device model API: numpy in, numpy out, no torch, no transformers.
+
+`load(OUT, precision=..., provider=...)` verifies the bundle (manifest, paths,
+checksums), picks the variant built for that precision and provider, and returns a
+model object whose family methods (`classify`, `embed`) wrap the generic `run`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from vlm_export.errors import BundleError, InputError
+from vlm_export.runtime.manifest import Manifest, Variant, check_external_data, read_manifest, verify_file
+from vlm_export.runtime.session import Provider, create_session
+
+log = logging.getLogger("vlm_export.runtime")
+
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+def choose_variant(variants: dict[str, Variant], precision: str, provider: Provider) -> Variant:
+    """The variant of `precision` meant for `provider`, else any of that precision.
+
+    An exact variant key (e.g. "int8-cpu") is accepted too.
+    """
+    if precision in variants:
+        exact = variants[precision]
+        if provider.value in exact.providers or not any(
+            v.precision == exact.precision and provider.value in v.providers for v in variants.values()
+        ):
+            return exact
+    matching = [v for v in variants.values() if v.precision == precision]
+    if not matching:
+        known = sorted({v.precision for v in variants.values()} | set(variants))
+        raise InputError(f"precision '{precision}' (--precision) is not in this bundle; it has: {', '.join(known)}")
+    for variant in matching:
+        if provider.value in variant.providers:
+            return variant
+    return matching[0]
+
+
+class ComponentRunner:
+    """One ORT session over one variant; thread-safe `infer`, timing of the last call."""
+
+    def __init__(self, variant: Variant, provider: Provider, threads: int | None = None) -> None:
+        self.variant = variant
+        self.session = create_session(variant.path, provider, threads)
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.last_inference_ms = 0.0
+        self._lock = threading.Lock()
+
+    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        missing = [n for n in self.input_names if n not in feed]
+        if missing:
+            raise InputError(f"missing input(s) {', '.join(missing)}; this component takes {', '.join(self.input_names)}")
+        start = time.perf_counter()
+        outputs = self.session.run(None, {n: feed[n] for n in self.input_names})
+        with self._lock:
+            self.last_inference_ms = (time.perf_counter() - start) * 1e3
+        return dict(zip(self.output_names, outputs))
+
+
+class BundleModel:
+    """A loaded bundle: `run(feed)` on a component, plus the manifest's facts."""
+
+    def __init__(self, manifest: Manifest, runners: dict[str, ComponentRunner], provider: Provider) -> None:
+        self.manifest = manifest
+        self.runners = runners
+        self.provider = provider
+
+    @property
+    def precision(self) -> str:
+        return next(iter(self.runners.values())).variant.key
+
+    def run(self, feed: dict[str, np.ndarray], component: str | None = None) -> dict[str, np.ndarray]:
+        """Run one component (the only one when there is one) on a dict of numpy arrays."""
+        if component is None:
+            if len(self.runners) != 1:
+                raise InputError(f"this bundle has components {', '.join(self.runners)}; name one")
+            component = next(iter(self.runners))
+        if component not in self.runners:
+            raise InputError(f"unknown component '{component}'; this bundle has {', '.join(self.runners)}")
+        return self.runners[component].infer(feed)
+
+
+class VisionModel(BundleModel):
+    """ViT classifiers and backbones: preprocessing from the bundle, then the graph."""
+
+    def __init__(self, manifest: Manifest, runners: dict[str, ComponentRunner], provider: Provider) -> None:
+        from vlm_export.runtime.preprocess import ImagePreprocessConfig, ImagePreprocessor
+
+        super().__init__(manifest, runners, provider)
+        self.preprocessor = ImagePreprocessor(ImagePreprocessConfig.from_dict(manifest.preprocess))
+        self.component = manifest.components["vision"]
+
+    def _outputs(self, images: Any) -> tuple[dict[str, np.ndarray], bool]:
+        single = not isinstance(images, (list, tuple))
+        batch = [images] if single else list(images)
+        if not batch:
+            raise InputError("no images given; pass an image path, PIL image or a non-empty list")
+        pixel_values = self.preprocessor(batch)
+        return self.run({self.preprocessor.config.input_name: pixel_values}, "vision"), single
+
+    def embed(self, images: Any) -> np.ndarray:
+        """The image embedding (pooler/CLS output, or logits for a classifier)."""
+        outputs, single = self._outputs(images)
+        emb = outputs[self.component["parity_output"]]
+        return emb[0] if single else emb
+
+    def classify(self, images: Any, top_k: int = 5) -> Any:
+        """Top-k (label, probability) per image for a classifier bundle."""
+        if "logits" not in (o["name"] for o in self.component["outputs"]):
+            raise InputError("this bundle is a backbone without a classifier head; use .embed(image)")
+        outputs, single = self._outputs(images)
+        logits = outputs["logits"].astype(np.float64)
+        probs = np.exp(logits - logits.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        labels = self.manifest.labels or [str(i) for i in range(probs.shape[-1])]
+        results = []
+        for row in probs:
+            order = np.argsort(-row)[: max(1, top_k)]
+            results.append([(labels[i], float(row[i])) for i in order])
+        return results[0] if single else results
+
+
+_MODEL_CLASSES: dict[str, type[BundleModel]] = {"vit": VisionModel}
+
+
+def load(
+    bundle: str | Path,
+    precision: str = "fp32",
+    provider: str | Provider = "cpu",
+    threads: int | None = None,
+    components: Sequence[str] | None = None,
+) -> BundleModel:
+    """Open bundle OUT on `provider` at `precision`, verifying paths and checksums.
+
+    Defaults to FP32 on the CPU provider.
+    """
+    manifest = read_manifest(Path(bundle))
+    if manifest.family not in _MODEL_CLASSES:
+        raise BundleError(f"bundle family '{manifest.family}' is not known to this runtime; upgrade vlm-export")
+    prov = Provider.parse(provider)
+    if prov is Provider.TENSORRT:
+        raise InputError("provider 'tensorrt' (native engines) is not available in this build yet; use 'tensorrt-ep'")
+    names = list(components or manifest.components)
+    runners = {}
+    for name in names:
+        if name not in manifest.components:
+            raise InputError(f"unknown component '{name}'; the bundle has {', '.join(manifest.components)}")
+        variant = choose_variant(manifest.variants(name), precision, prov)
+        verify_file(variant)
+        check_external_data(variant)
+        if variant.parity_passed is False:
+            log.warning("variant %s/%s failed parity at build time (see parity.json)", name, variant.key)
+        runners[name] = ComponentRunner(variant, prov, threads)
+    return _MODEL_CLASSES[manifest.family](manifest, runners, prov)
