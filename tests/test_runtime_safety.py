@@ -73,8 +73,13 @@ def test_external_data_outside_refused(bundle_copy: Path) -> None:
 
     manifest = json.loads((bundle_copy / "manifest.json").read_text())
     path = bundle_copy / _fp32(manifest)["onnx"]
-    model = onnx.load(str(path))
-    onnx.save(model, str(path), save_as_external_data=True, location="../../stolen.bin", size_threshold=0)
+    onnx.save(onnx.load(str(path)), str(path), save_as_external_data=True, location="weights.bin", size_threshold=0)
+    model = onnx.load(str(path), load_external_data=False)
+    for tensor in model.graph.initializer:  # point the weights outside the bundle
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "../../stolen.bin"
+    path.write_bytes(model.SerializeToString())
     from vlm_export.runtime.manifest import sha256_file
 
     _edit_manifest(bundle_copy, lambda d: _fp32(d).update(sha256=sha256_file(path)))

@@ -75,7 +75,7 @@ def load_pretrained(model_dir: Path, architecture: str, **kwargs: Any) -> Any:
             dtype="float32",
             **kwargs,
         )
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure here comes from the user's files (safetensors, config)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(
             f"cannot load {architecture} from '{model_dir}': {first[:300]}; check the weights and config.json"
