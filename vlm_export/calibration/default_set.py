@@ -7,9 +7,9 @@ licensed photographs; this module lists them as data, with licence and credit, a
 copies them into a folder with a SOURCES.md so the provenance travels with the files.
 
 The two roles are disjoint so that parity is never measured on the images the INT8
-ranges were fitted to. Parity holds varied colour photos (people, animals, objects,
-scenes); calibration holds the rest (colour science images and grey photographs,
-which a calibration reader turns into RGB) and is multiplied by `augment`.
+ranges were fitted to. Each role mixes colour and grey photographs, so that the INT8
+ranges see colour scenes (rocket, flower) and parity covers people, animals, objects,
+scenes and a grey photo or two; calibration is multiplied by `augment`.
 
 Left out on purpose: moon and page (no licence stated), motorcycle_left/right
 (Middlebury stereo benchmark, no licence stated), cell, microaneurysms (not
@@ -65,30 +65,28 @@ _SK = "skimage"
 _NOTICE = "No known copyright restrictions"
 
 DEFAULT_IMAGES: tuple[SampleImage, ...] = (
-    # parity: varied colour photographs
     SampleImage("astronaut", _SK, "data/astronaut.png", "Public domain",
                 "NASA; Eileen Collins, NASA Great Images database (https://flic.kr/p/r9qvLn)", _P),
     SampleImage("chelsea", _SK, "data/chelsea.png", "CC0", "Stefan van der Walt (photographer)", _P),
     SampleImage("coffee", _SK, "data/coffee.png", "CC0",
                 "Rachel Michetti (photographer), courtesy of Pikolo Espresso Bar", _P),
     SampleImage("rocket", _SK, "data/rocket.jpg", "Public domain",
-                "SpaceX, DSCOVR launch on Falcon 9 (https://www.flickr.com/photos/spacexphotos/16511594820/)", _P),
+                "SpaceX, DSCOVR launch on Falcon 9 (https://www.flickr.com/photos/spacexphotos/16511594820/)", _C),
     SampleImage("china", "sklearn", "datasets/images/china.jpg", "CC-BY-2.0",
                 "danielbuechele (https://www.flickr.com/photos/danielbuechele/6061409035/), via scikit-learn", _P),
     SampleImage("flower", "sklearn", "datasets/images/flower.jpg", "CC-BY-2.0",
-                "vultilion (https://www.flickr.com/photos/vultilion/6056698931/), via scikit-learn", _P),
+                "vultilion (https://www.flickr.com/photos/vultilion/6056698931/), via scikit-learn", _C),
     SampleImage("grace_hopper", "matplotlib", "mpl-data/sample_data/grace_hopper.jpg", "Public domain",
                 "U.S. Navy official photograph (https://commons.wikimedia.org/wiki/File:Grace_Hopper.jpg)", _P),
-    # calibration: colour science photographs, then grey photographs
     SampleImage("hubble_deep_field", _SK, "data/hubble_deep_field.jpg", "Public domain",
                 "NASA/ESA Hubble eXtreme Deep Field (HubbleSite news release 2012-37)", _C),
     SampleImage("retina", _SK, "data/retina.jpg", "CC0-1.0",
                 "Mikael Häggström (https://commons.wikimedia.org/wiki/File:Fundus_photograph_of_normal_left_eye.jpg)",
                 _C),
     SampleImage("ihc", _SK, "data/ihc.png", _NOTICE, "Center for Microscopy And Molecular Imaging (CMMI)", _C),
-    SampleImage("camera", _SK, "data/camera.png", "CC0", "Lav Varshney (photographer)", _C),
+    SampleImage("camera", _SK, "data/camera.png", "CC0", "Lav Varshney (photographer)", _P),
     SampleImage("coins", _SK, "data/coins.png", _NOTICE,
-                "Brooklyn Museum Collection (https://www.brooklynmuseum.org/opencollection/archives/image/51611)", _C),
+                "Brooklyn Museum Collection (https://www.brooklynmuseum.org/opencollection/archives/image/51611)", _P),
     SampleImage("brick", _SK, "data/brick.png", "CC0", "CC0Textures, Bricks25 (transformed by scikit-image)", _C),
     SampleImage("grass", _SK, "data/grass.png", "CC0", "linolafett, DeviantArt Grass-01 (cropped by scikit-image)", _C),
     SampleImage("gravel", _SK, "data/gravel.png", "CC0", "CC0Textures, Gravel04 (cropped by scikit-image)", _C),

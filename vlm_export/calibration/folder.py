@@ -7,6 +7,8 @@ from typing import Any, Callable
 
 from vlm_export.errors import InputError
 
+_SOURCES_NOTE = "SOURCES.md"
+
 
 def load_image_folder(folder: Path, flag: str, warn: Callable[[str], None]) -> list[tuple[str, Any]]:
     """(file name, RGB PIL image) for every readable image in `folder`, sorted by name.
@@ -20,7 +22,8 @@ def load_image_folder(folder: Path, flag: str, warn: Callable[[str], None]) -> l
         raise InputError(f"{flag} '{folder}' is not a directory; pass a folder of JPEG/PNG images")
     files, skipped = iter_image_files(folder)
     for reason in skipped:
-        warn(f"{flag}: skipped {reason}")
+        if f"{_SOURCES_NOTE}'" not in reason:  # the provenance note beside a materialized set
+            warn(f"{flag}: skipped {reason}")
     images = []
     for path in files:
         try:

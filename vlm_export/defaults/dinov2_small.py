@@ -227,8 +227,8 @@ def _heads(g: _Graph, layers: int, hidden: int) -> int:
     """Read the head count from the [batch, seq, heads, head_dim] Reshape of each query."""
     found = set()
     for i in range(layers):
-        add = g.consumers[f"{_PREFIX}encoder.layer.{i}.attention.attention.query.bias"][0]
-        reshape = [n for n in g.consumers.get(add.output[0], []) if n.op_type == "Reshape"]
+        adds = g.consumers.get(f"{_PREFIX}encoder.layer.{i}.attention.attention.query.bias", [])
+        reshape = [n for n in g.consumers.get(adds[0].output[0], []) if n.op_type == "Reshape"] if adds else []
         concat = g.producer.get(reshape[0].input[1]) if reshape else None
         dims = [g.consts.get(name) for name in concat.input[-2:]] if concat is not None else []
         if len(dims) != 2 or any(d is None for d in dims):
@@ -426,13 +426,16 @@ def convert(onnx_path: Path, out_dir: Path, *, replace: bool = False) -> Path:
 # ---------------------------------------------------------------- checking it
 
 
-def final_layernorm_output(onnx_path: Path) -> str:
-    """Name of the graph tensor equal to Dinov2Model's last_hidden_state."""
-    g = _Graph(_load_onnx(onnx_path), Path(onnx_path))
+def _final_layernorm_output(g: _Graph) -> str:
     users = [n for n in g.consumers.get(f"{_PREFIX}layernorm.bias", []) if n.op_type == "Add"]
     if len(users) != 1:
-        raise _unsupported(Path(onnx_path), "no single Add of backbone.layernorm.bias")
+        raise _unsupported(g.path, "no single Add of backbone.layernorm.bias")
     return users[0].output[0]
+
+
+def final_layernorm_output(onnx_path: Path) -> str:
+    """Name of the graph tensor equal to Dinov2Model's last_hidden_state."""
+    return _final_layernorm_output(_Graph(_load_onnx(Path(onnx_path)), Path(onnx_path)))
 
 
 def _load_images(images: Sequence["Image.Image | Path | str"]) -> np.ndarray:
@@ -462,8 +465,8 @@ def verify(onnx_path: Path, model_dir: Path, images: Sequence["Image.Image | Pat
     from transformers import Dinov2Model
 
     pixels = _load_images(images)
-    name = final_layernorm_output(onnx_path)
     graph = _load_onnx(Path(onnx_path))
+    name = _final_layernorm_output(_Graph(graph, Path(onnx_path)))
     graph.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
     session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
     expected = session.run([name], {session.get_inputs()[0].name: pixels})[0]
