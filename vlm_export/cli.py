@@ -107,10 +107,13 @@ def _print_parity(out: Path) -> None:
     parity = json.loads((out / "parity.json").read_text())
     table = Table(title=f"{out}: parity vs PyTorch FP32 on {len(parity['samples'])} images")
     for col in ["component", "variant", "verdict", "cos min", "cos mean", "max abs", "top-1", "CPU p50 ms", "× PyTorch", "MB"]:
-        table.add_column(col)
-    for row in parity_rows(manifest, parity):
+        table.add_column(col, no_wrap=True)
+    for row in parity_rows(manifest, parity, reasons=False):
         table.add_row(*row)
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=130)
+    console.print(table)
 
 
 @app.command()

@@ -53,5 +53,6 @@ class Int8Config:
     op_types: tuple[str, ...] = DEFAULT_INT8_OPS
     nodes_to_exclude: tuple[str, ...] = ()
     per_channel: bool = True
+    quantize_activation_matmuls: bool = False  # attention's Q·Kᵀ and P·V stay float
     percentile: float = 99.999
     entropy_bins: int = 512

@@ -18,8 +18,11 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
-def parity_rows(manifest: dict[str, Any], parity: dict[str, Any]) -> list[list[str]]:
-    """One row per record: component, variant, verdict, metrics, latency, size."""
+def parity_rows(manifest: dict[str, Any], parity: dict[str, Any], reasons: bool = True) -> list[list[str]]:
+    """One row per record: component, variant, verdict, metrics, latency, size.
+
+    `reasons=False` keeps the verdict to PASS/FAIL (narrow terminals list them below).
+    """
     rows = []
     for rec in parity["records"]:
         m = rec["metrics"]
@@ -31,7 +34,7 @@ def parity_rows(manifest: dict[str, Any], parity: dict[str, Any]) -> list[list[s
             [
                 rec["component"],
                 rec["variant"],
-                "PASS" if rec["passed"] else "FAIL: " + "; ".join(rec["failures"]),
+                "PASS" if rec["passed"] else "FAIL" + (": " + "; ".join(rec["failures"]) if reasons else ""),
                 _fmt(m["cosine_min"], 6),
                 _fmt(m["cosine_mean"], 6),
                 _fmt(m["max_abs"]),
