@@ -55,7 +55,7 @@ def test_runtime_equals_plain_ort(vit_bundle: Path, photo_dir: Path, precision: 
     from vlm_export.runtime.manifest import read_manifest
     from vlm_export.runtime.preprocess import ImagePreprocessConfig, ImagePreprocessor
 
-    model = load(vit_bundle, precision=precision)
+    model = load(vit_bundle, variant=precision)
     image = photo_dir / "chelsea.png"
     manifest = read_manifest(vit_bundle)
     pixel_values = ImagePreprocessor(ImagePreprocessConfig.from_dict(manifest.preprocess))([image])
@@ -72,6 +72,7 @@ def test_int8_on_cpu_picks_the_cpu_recipe(vit_bundle: Path) -> None:
 
     assert load(vit_bundle, precision="int8", provider="cpu").precision == "int8-cpu"
     assert load(vit_bundle, precision="int8-cpu").precision == "int8-cpu"
+    assert load(vit_bundle, variant="int8").precision == "int8"  # the QDQ graph, on the CPU
 
 
 def test_dinov2_backbone_embeds(dinov2_bundle: Path, tiny_dinov2_dir: Path, photo_dir: Path) -> None:

@@ -28,7 +28,7 @@ VARIANTS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "fp32": ("fp32", "export", ("cpu", "cuda", "tensorrt-ep", "tensorrt")),
     "fp16": ("fp16", "fp16-keep-norms", ("cuda", "tensorrt-ep", "tensorrt")),
     "int8": ("int8", "qdq-static", ("tensorrt-ep", "tensorrt", "cuda")),
-    "int8-cpu": ("int8", "dynamic-matmul", ("cpu",)),
+    "int8-cpu": ("int8", "dynamic-matmul+ort-cpu-fusions", ("cpu",)),
 }
 
 
@@ -122,7 +122,7 @@ def _build_variants(
                 Int8Config(method=opts.calibration_method),
                 cache_path=writer.path(f"{spec.name}/calibration_cache.json"),
             )
-        with reporter.task(f"[{spec.name}] INT8 for the CPU provider (dynamic MatMul)"):
+        with reporter.task(f"[{spec.name}] INT8 for the CPU provider (fused GELU/attention, dynamic MatMul)"):
             paths["int8-cpu"] = to_int8_cpu(paths["fp32"], writer.path(f"{base}.int8-cpu.onnx"))
     return paths
 

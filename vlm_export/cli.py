@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -30,17 +31,40 @@ def _fail(message: str, code: int) -> None:
     raise typer.Exit(code)
 
 
+_INTERRUPTED = "interrupted; partial output removed (any OUT.partial-* left is cleaned by the next build)"
+
+
+class _InterruptFlag:
+    """Remembers a Ctrl-C: one that lands inside a C extension (an import, a torch op)
+    can surface as another exception, e.g. ImportError("initialization failed"), which
+    must still read as an interruption."""
+
+    seen = False
+
+    @classmethod
+    def handler(cls, signum: int, frame: Any) -> None:
+        cls.seen = True
+        raise KeyboardInterrupt
+
+
 def _one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """VlmExportError → one line on stderr and its exit code; Ctrl-C → exit 130."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        previous = signal.signal(signal.SIGINT, _InterruptFlag.handler)
         try:
             return fn(*args, **kwargs)
         except VlmExportError as exc:
             _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, exc.exit_code)
         except KeyboardInterrupt:
-            _fail("interrupted; partial output removed (any OUT.partial-* left is cleaned by the next build)", 130)
+            _fail(_INTERRUPTED, 130)
+        except Exception:  # noqa: BLE001 - only re-labelled when a Ctrl-C caused it
+            if _InterruptFlag.seen:
+                _fail(_INTERRUPTED, 130)
+            raise
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
     return wrapper
 
@@ -123,12 +147,13 @@ def run(
     images: list[Path] = typer.Argument(..., help="One or more image files."),
     precision: str = typer.Option("fp32", help="fp32, fp16, int8 or an exact variant key such as int8-cpu."),
     provider: str = typer.Option("cpu", help="cpu, cuda or tensorrt-ep."),
+    variant: Optional[str] = typer.Option(None, help="An exact variant (e.g. int8 = the TensorRT QDQ graph); overrides --precision."),
     top_k: int = typer.Option(5, help="Labels to print for a classifier."),
 ) -> None:
     """Run a bundle on images: top-k labels for a classifier, an embedding summary for a backbone."""
     from vlm_export.runtime import load
 
-    model = load(bundle, precision=precision, provider=provider)
+    model = load(bundle, precision=precision, provider=provider, variant=variant)
     names = [o["name"] for o in model.component["outputs"]]
     for path in images:
         if "logits" in names:

@@ -56,7 +56,7 @@ def export_component(spec: ComponentSpec, out_path: Path) -> Path:
 
     feed = spec.example_inputs(EXPORT_BATCH)
     args = tuple(torch.from_numpy(feed[t.name]) for t in spec.inputs)
-    with _quiet_exporter(), torch.no_grad():
+    with _quiet_exporter(), torch.no_grad(), spec.patcher():
         program = torch.onnx.export(
             spec.module,
             args,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from pathlib import Path
+from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence
 
 if TYPE_CHECKING:  # build-time types only; importing this module never imports torch
@@ -77,6 +78,9 @@ class ComponentSpec:
     parity_output: str
     parity_kind: ParityKind = ParityKind.EMBEDDING
     opset: int = 18
+    # Entered around the export only: patches that make the traced graph what we want
+    # (optimum's `patch_model_for_export`), e.g. dropping an all-zero attention mask.
+    patcher: Callable[[], AbstractContextManager[Any]] = nullcontext
 
 
 @dataclass(frozen=True)

@@ -7,12 +7,26 @@ weights, for onnxruntime's CPU provider, where it is both faster and closer to F
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 from vlm_export.quantize.config import CalibrationMethod, Int8Config
 from vlm_export.quantize.reader import FeedReader
+
+
+@contextlib.contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    """The quantizer logs advice through the root logger; keep the CLI output clean."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 def _ort_method(method: CalibrationMethod):  # noqa: ANN202 - ORT enum
@@ -71,8 +85,7 @@ def to_int8_qdq(
     """
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
-    logging.getLogger("onnxruntime").setLevel(logging.ERROR)
-    with tempfile.TemporaryDirectory(prefix="vlm-export-q-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="vlm-export-q-") as tmp, _quiet_root_logger():
         prepared = preprocess_for_quantization(fp32_path, Path(tmp) / "prepared.onnx")
         exclude = list(config.nodes_to_exclude)
         if not config.quantize_activation_matmuls:
@@ -95,11 +108,17 @@ def to_int8_qdq(
 
 
 def to_int8_cpu(fp32_path: Path, out_path: Path, nodes_to_exclude: tuple[str, ...] = ()) -> Path:
-    """Dynamic INT8 of the MatMul weights (per-channel), activations quantized per run."""
+    """Dynamic INT8 of the MatMul weights (per-channel), activations quantized per run.
+
+    GELU and attention are fused for the CPU provider first (see cpu_fusions).
+    """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    with tempfile.TemporaryDirectory(prefix="vlm-export-q-") as tmp:
-        prepared = preprocess_for_quantization(fp32_path, Path(tmp) / "prepared.onnx")
+    from vlm_export.quantize.cpu_fusions import fuse_for_cpu
+
+    with tempfile.TemporaryDirectory(prefix="vlm-export-q-") as tmp, _quiet_root_logger():
+        prepared = Path(tmp) / "fused.onnx"
+        fuse_for_cpu(fp32_path, prepared)
         quantize_dynamic(
             str(prepared),
             str(out_path),

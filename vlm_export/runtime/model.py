@@ -27,14 +27,11 @@ PRECISIONS = ("fp32", "fp16", "int8")
 def choose_variant(variants: dict[str, Variant], precision: str, provider: Provider) -> Variant:
     """The variant of `precision` meant for `provider`, else any of that precision.
 
-    An exact variant key (e.g. "int8-cpu") is accepted too.
+    `precision` is a precision (fp32, fp16, int8) or, when it is none of them, an exact
+    variant key such as "int8-cpu".
     """
-    if precision in variants:
-        exact = variants[precision]
-        if provider.value in exact.providers or not any(
-            v.precision == exact.precision and provider.value in v.providers for v in variants.values()
-        ):
-            return exact
+    if precision not in PRECISIONS and precision in variants:
+        return variants[precision]
     matching = [v for v in variants.values() if v.precision == precision]
     if not matching:
         known = sorted({v.precision for v in variants.values()} | set(variants))
@@ -130,6 +127,14 @@ class VisionModel(BundleModel):
         return results[0] if single else results
 
 
+def _pick(variants: dict[str, Variant], precision: str, provider: Provider, exact: str | None) -> Variant:
+    if exact is None:
+        return choose_variant(variants, precision, provider)
+    if exact not in variants:
+        raise InputError(f"unknown variant '{exact}' (--variant); this bundle has: {', '.join(variants)}")
+    return variants[exact]
+
+
 _MODEL_CLASSES: dict[str, type[BundleModel]] = {"vit": VisionModel}
 
 
@@ -139,10 +144,13 @@ def load(
     provider: str | Provider = "cpu",
     threads: int | None = None,
     components: Sequence[str] | None = None,
+    variant: str | None = None,
 ) -> BundleModel:
     """Open bundle OUT on `provider` at `precision`, verifying paths and checksums.
 
-    Defaults to FP32 on the CPU provider.
+    `variant` names an exact manifest variant (e.g. "int8", the TensorRT QDQ graph, on
+    the CPU) and overrides the choice by precision and provider. Defaults to FP32 on
+    the CPU provider.
     """
     manifest = read_manifest(Path(bundle))
     if manifest.family not in _MODEL_CLASSES:
@@ -155,10 +163,10 @@ def load(
     for name in names:
         if name not in manifest.components:
             raise InputError(f"unknown component '{name}'; the bundle has {', '.join(manifest.components)}")
-        variant = choose_variant(manifest.variants(name), precision, prov)
-        verify_file(variant)
-        check_external_data(variant)
-        if variant.parity_passed is False:
-            log.warning("variant %s/%s failed parity at build time (see parity.json)", name, variant.key)
-        runners[name] = ComponentRunner(variant, prov, threads)
+        chosen = _pick(manifest.variants(name), precision, prov, variant)
+        verify_file(chosen)
+        check_external_data(chosen)
+        if chosen.parity_passed is False:
+            log.warning("variant %s/%s failed parity at build time (see parity.json)", name, chosen.key)
+        runners[name] = ComponentRunner(chosen, prov, threads)
     return _MODEL_CLASSES[manifest.family](manifest, runners, prov)
