@@ -88,3 +88,26 @@ def dinov2_bundle(tiny_dinov2_dir: Path, photo_dir: Path, tmp_path_factory: pyte
     result = _build(tiny_dinov2_dir, out, photo_dir, "--precision", "fp16,int8")
     assert result.exit_code == 0, result.output
     return out
+
+
+@pytest.fixture(scope="session")
+def outlier_vit_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny ViT whose layer-1 MLP carries one huge activation channel, as real
+    transformers do: per-tensor INT8 of the fc2 input then flattens every other channel."""
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessorPil
+
+    torch.manual_seed(1)
+    folder = tmp_path_factory.mktemp("outlier-vit")
+    config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                       image_size=32, patch_size=8, num_labels=10)
+    model = ViTForImageClassification(config)
+    with torch.no_grad():
+        mlp_in = model.vit.layers[1].mlp.fc1
+        mlp_out = model.vit.layers[1].mlp.fc2
+        mlp_in.weight[0] = 0.0
+        mlp_in.bias[0] = 400.0  # channel 0 of the fc2 input is ~400 for every token
+        mlp_out.weight[:, 0] = 0.0  # ...and contributes nothing, so FP32 is unaffected
+    model.save_pretrained(folder)
+    ViTImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder

@@ -53,6 +53,7 @@ class BuildOptions:
     calibration_method: CalibrationMethod = CalibrationMethod.MINMAX
     parity_dir: Path | None = None  # None: the default parity photos
     allow_drift: bool = False
+    int8_guard: bool = True
     force: bool = False
     latency_runs: int = 20
     seed: int = 0
@@ -62,6 +63,7 @@ class BuildOptions:
 class BuildResult:
     out: Path
     records: list[ParityRecord] = field(default_factory=list)
+    guard: dict[str, Any] = field(default_factory=dict)  # component → GuardResult JSON
 
     @property
     def failed(self) -> list[ParityRecord]:
@@ -82,13 +84,28 @@ def _images(folder: Path | None, flag: str, role: str, reporter: Reporter) -> li
     return load_image_folder(Path(folder), flag, reporter.warn)
 
 
-def _calibration_feed(opts: BuildOptions, family: Any, loaded: LoadedModel, reporter: Reporter) -> dict[str, np.ndarray]:
+# Held-out crops (another seed) on which the INT8 guard checks the QDQ graph.
+GUARD_SAMPLES = 8
+
+
+@dataclass(frozen=True)
+class CalibrationData:
+    samples: dict[str, np.ndarray]  # model inputs the ranges are calibrated on
+    check: dict[str, np.ndarray]  # other crops of the same photos, for the INT8 guard
+
+
+def _calibration_data(opts: BuildOptions, family: Any, loaded: LoadedModel, reporter: Reporter) -> CalibrationData:
     from vlm_export.calibration.augment import random_resized_crops
 
     if opts.calibration_size < 1:
         raise InputError(f"--calibration-size must be at least 1 (got {opts.calibration_size})")
     photos = [img for _, img in _images(opts.calibration_dir, "--calibration", "calibration", reporter)]
     samples = random_resized_crops(photos, opts.calibration_size, seed=opts.seed)
+    check = random_resized_crops(photos, GUARD_SAMPLES + len(photos), seed=opts.seed + 1)[len(photos):]
+    return CalibrationData(_preprocess(family, loaded, samples, reporter), family.preprocess_images(loaded, check))
+
+
+def _preprocess(family: Any, loaded: LoadedModel, samples: list[Any], reporter: Reporter) -> dict[str, np.ndarray]:
     with reporter.task("Preparing calibration samples", total=len(samples)) as task:
         feeds = []
         for i in range(0, len(samples), 16):
@@ -98,7 +115,8 @@ def _calibration_feed(opts: BuildOptions, family: Any, loaded: LoadedModel, repo
 
 
 def _build_variants(
-    spec: ComponentSpec, writer: BundleWriter, opts: BuildOptions, calib: dict[str, np.ndarray] | None, reporter: Reporter
+    spec: ComponentSpec, writer: BundleWriter, opts: BuildOptions, calib: CalibrationData | None, reporter: Reporter,
+    guard: dict[str, Any],
 ) -> dict[str, Path]:
     from vlm_export.export import check_against_torch, check_graph, export_component
 
@@ -112,19 +130,51 @@ def _build_variants(
         with reporter.task(f"[{spec.name}] FP16 (norms kept FP32)"):
             paths["fp16"] = to_fp16(paths["fp32"], writer.path(f"{base}.fp16.onnx"))
     if "int8" in opts.precisions and calib is not None:
-        feed = {t.name: calib[t.name] for t in spec.inputs}
+        feed = {t.name: calib.samples[t.name] for t in spec.inputs}
         reader = FeedReader(batched_feeds(feed, 8))
+        config = Int8Config(method=opts.calibration_method)
+        cache = writer.path(f"{spec.name}/calibration_cache.json")
         with reporter.task(f"[{spec.name}] INT8 QDQ calibration ({opts.calibration_method.value}, {len(reader)} batches)"):
-            paths["int8"] = to_int8_qdq(
-                paths["fp32"],
-                writer.path(f"{base}.int8.onnx"),
-                reader,
-                Int8Config(method=opts.calibration_method),
-                cache_path=writer.path(f"{spec.name}/calibration_cache.json"),
-            )
+            paths["int8"] = to_int8_qdq(paths["fp32"], writer.path(f"{base}.int8.onnx"), reader, config, cache_path=cache)
         with reporter.task(f"[{spec.name}] INT8 for the CPU provider (fused GELU/attention, dynamic MatMul)"):
             paths["int8-cpu"] = to_int8_cpu(paths["fp32"], writer.path(f"{base}.int8-cpu.onnx"))
+        guard[spec.name] = _guard_int8_variants(spec, paths, reader, config, cache, calib, opts, reporter)
     return paths
+
+
+def _guard_int8_variants(
+    spec: ComponentSpec, paths: dict[str, Path], reader: FeedReader, config: Int8Config, cache: Path,
+    calib: CalibrationData, opts: BuildOptions, reporter: Reporter,
+) -> dict[str, Any]:
+    """Check each INT8 variant on held-out crops; keep the nodes where drift is born in float."""
+    from dataclasses import replace
+
+    from vlm_export.quantize.guard import GuardConfig, NodeRanking, count_candidates, guard_int8, run_output
+    from vlm_export.verify.tolerances import default_tolerance
+
+    target = default_tolerance("int8", spec.parity_kind, 1.0).cosine_min or 0.0
+    check = {t.name: calib.check[t.name] for t in spec.inputs}
+    total = count_candidates(paths["int8"], config.op_types)
+
+    def requantize_qdq(excluded: tuple[str, ...]) -> None:
+        reader.rewind()
+        to_int8_qdq(paths["fp32"], paths["int8"], reader, replace(config, nodes_to_exclude=config.nodes_to_exclude + excluded), cache)
+
+    def requantize_cpu(excluded: tuple[str, ...]) -> None:
+        to_int8_cpu(paths["fp32"], paths["int8-cpu"], nodes_to_exclude=excluded)
+
+    decisions = {}
+    with reporter.task(f"[{spec.name}] INT8 guard (check on {GUARD_SAMPLES} held-out crops; rank {total} nodes if needed)", total=total) as task:
+        reference = run_output(paths["fp32"], check, spec.parity_output)
+        ranking = NodeRanking(paths["int8"], check, reference, spec.parity_output, config.op_types, task.advance)
+        for key, requantize in (("int8", requantize_qdq), ("int8-cpu", requantize_cpu)):
+            result = guard_int8(paths[key], check, reference, spec.parity_output, target, requantize, ranking,
+                                GuardConfig(enabled=opts.int8_guard))
+            decisions[key] = result.to_json()
+            if result.kept_float:
+                reporter.note(f"[{spec.name}/{key}] INT8 guard kept {len(result.kept_float)} node(s) in float: "
+                              f"check cosine_min {result.before['cosine_min']:.4f} → {result.after['cosine_min']:.4f}")
+    return decisions
 
 
 def _parity(
@@ -190,17 +240,18 @@ def build(opts: BuildOptions, reporter: Reporter | None = None) -> BuildResult:
             loaded = family.load(opts.model_dir)
         parity_images = _images(opts.parity_dir, "--parity-images", "parity", reporter)
         parity_feed = family.preprocess_images(loaded, [img for _, img in parity_images])
-        calib = _calibration_feed(opts, family, loaded, reporter) if "int8" in opts.precisions else None
+        calib = _calibration_data(opts, family, loaded, reporter) if "int8" in opts.precisions else None
         result = BuildResult(out=opts.out)
         components = {}
         for spec in family.components(loaded):
-            paths = _build_variants(spec, writer, opts, calib, reporter)
+            paths = _build_variants(spec, writer, opts, calib, reporter, result.guard)
             records = _parity(spec, paths, parity_feed, opts, reporter)
             result.records.extend(records)
             components[spec.name] = _component_manifest(spec, paths, writer, records)
         parity = {
             "samples": [name for name, _ in parity_images],
             "records": [r.to_json() for r in result.records],
+            "int8_guard": result.guard,
         }
         writer.write_json("parity.json", parity)
         manifest = {
@@ -210,7 +261,7 @@ def build(opts: BuildOptions, reporter: Reporter | None = None) -> BuildResult:
             "preprocess": dict(loaded.preprocess),
             "labels": list(loaded.labels) if loaded.labels else None,
             "parity": {"passed": not result.failed, "failed": [f"{r.component}/{r.variant}" for r in result.failed], "file": "parity.json"},
-            "build": {"precisions": list(opts.precisions), "calibration_method": opts.calibration_method.value, "calibration_size": opts.calibration_size, "seed": opts.seed},
+            "build": {"precisions": list(opts.precisions), "calibration_method": opts.calibration_method.value, "calibration_size": opts.calibration_size, "seed": opts.seed, "int8_guard": opts.int8_guard},
         }
         write_report(writer.path("report.md"), manifest, parity)
         writer.commit(manifest)

@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 
 import typer
 
-from vlm_export.errors import VlmExportError
+from vlm_export.errors import InputError, VlmExportError
 
 app = typer.Typer(
     help="Turn local Hugging Face vision-language checkpoints into verified ONNX bundles and run them.",
@@ -83,8 +83,10 @@ def build(
     calibration_method: str = typer.Option("minmax", help="INT8 range calibration: minmax, entropy or percentile."),
     parity_images: Optional[Path] = typer.Option(None, help="Folder of images for the parity check. Defaults to the built-in parity photos (disjoint from calibration)."),
     allow_drift: bool = typer.Option(False, help="Report parity failures as warnings and exit 0."),
+    int8_guard: str = typer.Option("on", help="on: when the INT8 QDQ graph misses its tolerance on held-out crops, keep the nodes where the drift is born in float and re-quantize. off: ship it as calibrated."),
     force: bool = typer.Option(False, help="Replace OUT if it exists."),
     latency_runs: int = typer.Option(20, help="Timed runs per variant for the latency figures."),
+    target: Optional[str] = typer.Option(None, help="Also build TensorRT engines for this deployment target when TensorRT imports here; otherwise print the trtexec lines to run on the device."),
 ) -> None:
     """Export, convert and verify MODEL_DIR into the bundle OUT."""
     from vlm_export.build import BuildOptions, build as run_build, parse_precisions
@@ -92,6 +94,10 @@ def build(
     from vlm_export.quantize import CalibrationMethod
 
     reporter = RichReporter()
+    if target is not None:
+        from vlm_export.engines import get_target
+
+        get_target(target)  # a bad name fails before minutes of work
     if model_dir is None:
         from vlm_export.defaults.dinov2_small import ensure_default_model
 
@@ -107,11 +113,14 @@ def build(
         calibration_method=CalibrationMethod.parse(calibration_method),
         parity_dir=parity_images,
         allow_drift=allow_drift,
+        int8_guard=_on_off(int8_guard, "--int8-guard"),
         force=force,
         latency_runs=latency_runs,
     )
     result = run_build(opts, reporter)
     _print_parity(result.out)
+    if target is not None:
+        _engines_after_build(result.out, target, reporter)
     if result.failed:
         summary = "; ".join(f"{r.component}/{r.variant}: {', '.join(r.failures)}" for r in result.failed)
         if allow_drift:
@@ -119,6 +128,24 @@ def build(
         else:
             _fail(f"parity failed for {summary} (bundle written to {result.out}; --allow-drift to accept)", 1)
     typer.echo(f"bundle written to {result.out}")
+
+
+def _engines_after_build(out: Path, target: str, reporter: Any) -> None:
+    from vlm_export.engines import build_engines, get_target, is_tensorrt_available, plan
+
+    plans = plan(json.loads((out / "manifest.json").read_text()), get_target(target))
+    if is_tensorrt_available():
+        build_engines(out, plans)
+        return
+    reporter.warn(f"TensorRT is not installed here; on the device run: vlm-export engine {out} --target {target}")
+    for p in plans:
+        typer.echo(p.trtexec_command(root=out))
+
+
+def _on_off(value: str, flag: str) -> bool:
+    if value.lower() not in ("on", "off"):
+        raise InputError(f"{flag} takes on or off (got '{value}')")
+    return value.lower() == "on"
 
 
 def _print_parity(out: Path) -> None:
@@ -192,6 +219,12 @@ def inspect(bundle: Path = typer.Argument(..., help="A bundle folder made by `vl
             verdict = {True: "pass", False: "FAIL", None: "–"}[variant.parity_passed]
             table.add_row(name, key, variant.precision, ", ".join(variant.providers), f"{size:.1f}", variant.sha256[:12], ok, verdict)
     Console().print(table)
+
+
+from vlm_export.engines.cli_engine import bench, engine  # noqa: E402 - TensorRT imported only when building
+
+app.command()(engine)
+app.command()(bench)
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -101,7 +101,14 @@ def to_int8_qdq(
             weight_type=QuantType.QInt8,
             nodes_to_exclude=exclude,
             calibrate_method=_ort_method(config.method),
-            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, **_method_options(config)},
+            extra_options={
+                "ActivationSymmetric": True,
+                "WeightSymmetric": True,
+                # Q/DQ only on what feeds the matrix products: their outputs stay float
+                # into the bias Add, as TensorRT fuses them (ModelOpt's layout too).
+                "OpTypesToExcludeOutputQuantization": list(config.op_types),
+                **_method_options(config),
+            },
             calibration_cache_path=str(cache_path) if cache_path else None,
         )
     return out_path

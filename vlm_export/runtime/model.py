@@ -45,9 +45,11 @@ def choose_variant(variants: dict[str, Variant], precision: str, provider: Provi
 class ComponentRunner:
     """One ORT session over one variant; thread-safe `infer`, timing of the last call."""
 
-    def __init__(self, variant: Variant, provider: Provider, threads: int | None = None) -> None:
+    def __init__(
+        self, variant: Variant, provider: Provider, threads: int | None = None, trt_options: dict[str, Any] | None = None
+    ) -> None:
         self.variant = variant
-        self.session = create_session(variant.path, provider, threads)
+        self.session = create_session(variant.path, provider, threads, trt_options)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.last_inference_ms = 0.0
@@ -135,6 +137,25 @@ def _pick(variants: dict[str, Variant], precision: str, provider: Provider, exac
     return variants[exact]
 
 
+def _runner(manifest: Manifest, name: str, chosen: Variant, prov: Provider, threads: int | None, target: str | None) -> Any:
+    """ORT runner, or the native TensorRT runner over the engine built for this device."""
+    if prov is Provider.TENSORRT:
+        from vlm_export.runtime.trt_runner import create_runner
+
+        raw = manifest.components[name]["variants"][chosen.key]
+        return create_runner(manifest.root, raw, variant=chosen, where=f"variant {name}/{chosen.key}")
+    options = None
+    if prov is Provider.TENSORRT_EP and target is not None:
+        from vlm_export.engines import get_target, ort_trt_provider_options, plan
+
+        plans = [p for p in plan(manifest.data, get_target(target), [chosen.precision]) if (p.component, p.variant) == (name, chosen.key)]
+        if plans:
+            # The EP's engine cache lives outside the bundle, which stays immutable.
+            cache = Path.home() / ".cache" / "vlm-export" / "ort-trt" / manifest.data["source"]["config_sha256"][:16] / target
+            options = ort_trt_provider_options(plans[0], root=manifest.root, cache_dir=cache)
+    return ComponentRunner(chosen, prov, threads, options)
+
+
 _MODEL_CLASSES: dict[str, type[BundleModel]] = {"vit": VisionModel}
 
 
@@ -145,19 +166,19 @@ def load(
     threads: int | None = None,
     components: Sequence[str] | None = None,
     variant: str | None = None,
+    target: str | None = None,
 ) -> BundleModel:
     """Open bundle OUT on `provider` at `precision`, verifying paths and checksums.
 
     `variant` names an exact manifest variant (e.g. "int8", the TensorRT QDQ graph, on
-    the CPU) and overrides the choice by precision and provider. Defaults to FP32 on
-    the CPU provider.
+    the CPU) and overrides the choice by precision and provider. `target` (a name from
+    `vlm_export.engines.targets`) gives the TensorRT EP its profile shapes and flags.
+    Defaults to FP32 on the CPU provider.
     """
     manifest = read_manifest(Path(bundle))
     if manifest.family not in _MODEL_CLASSES:
         raise BundleError(f"bundle family '{manifest.family}' is not known to this runtime; upgrade vlm-export")
     prov = Provider.parse(provider)
-    if prov is Provider.TENSORRT:
-        raise InputError("provider 'tensorrt' (native engines) is not available in this build yet; use 'tensorrt-ep'")
     names = list(components or manifest.components)
     runners = {}
     for name in names:
@@ -168,5 +189,5 @@ def load(
         check_external_data(chosen)
         if chosen.parity_passed is False:
             log.warning("variant %s/%s failed parity at build time (see parity.json)", name, chosen.key)
-        runners[name] = ComponentRunner(chosen, prov, threads)
+        runners[name] = _runner(manifest, name, chosen, prov, threads, target)
     return _MODEL_CLASSES[manifest.family](manifest, runners, prov)

@@ -52,8 +52,16 @@ def ort_providers(provider: Provider) -> list[str]:
     return [p for p in wanted if p in available]
 
 
-def create_session(onnx_path: Path, provider: "Provider | str" = Provider.CPU, threads: int | None = None) -> Any:
-    """An InferenceSession with full graph optimisations on the chosen provider."""
+def create_session(
+    onnx_path: Path,
+    provider: "Provider | str" = Provider.CPU,
+    threads: int | None = None,
+    trt_options: dict[str, Any] | None = None,
+) -> Any:
+    """An InferenceSession with full graph optimisations on the chosen provider.
+
+    `trt_options` are the TensorRT EP's provider options (from the engine plan).
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -61,4 +69,7 @@ def create_session(onnx_path: Path, provider: "Provider | str" = Provider.CPU, t
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(onnx_path), sess_options=options, providers=ort_providers(Provider.parse(provider)))
+    providers: list[Any] = ort_providers(Provider.parse(provider))
+    if trt_options:
+        providers = [(p, trt_options) if p == "TensorrtExecutionProvider" else p for p in providers]
+    return ort.InferenceSession(str(onnx_path), sess_options=options, providers=providers)

@@ -1,0 +1,39 @@
+"""The INT8 guard turns a failing INT8 build into a passing one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from conftest import _build
+
+
+def _int8(out: Path) -> dict:
+    parity = json.loads((out / "parity.json").read_text())
+    return parity, {r["variant"]: r for r in parity["records"]}["int8"]
+
+
+def test_guard_repairs_outlier_model(outlier_vit_dir: Path, photo_dir: Path, tmp_path: Path) -> None:
+    naive = _build(outlier_vit_dir, tmp_path / "naive", photo_dir, "--int8-guard", "off")
+    assert naive.exit_code == 1, naive.output  # plain INT8 misses the tolerance...
+    assert "vision/int8" in naive.output
+    _, before = _int8(tmp_path / "naive")
+    assert not before["passed"] and before["metrics"]["cosine_min"] < 0.99
+
+    guarded = _build(outlier_vit_dir, tmp_path / "guarded", photo_dir)
+    assert guarded.exit_code == 0, guarded.output  # ...the guard repairs it
+    parity, after = _int8(tmp_path / "guarded")
+    assert after["passed"] and after["metrics"]["cosine_min"] >= 0.99
+    for key in ("int8", "int8-cpu"):  # both INT8 recipes failed the check and were repaired
+        decision = parity["int8_guard"]["vision"][key]
+        assert decision["kept_float"], decision
+        assert decision["before"]["cosine_min"] < 0.99 <= decision["after"]["cosine_min"]
+        assert decision["ranking"][0]["node"] in decision["kept_float"]
+    assert {r["variant"]: r for r in parity["records"]}["int8-cpu"]["passed"]
+
+
+def test_guard_leaves_a_passing_model_alone(vit_bundle: Path) -> None:
+    parity, record = _int8(vit_bundle)
+    for decision in parity["int8_guard"]["vision"].values():
+        assert record["passed"] and decision["passed"]
+        assert decision["kept_float"] == [] and decision["attempts"] == []

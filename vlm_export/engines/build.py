@@ -1,0 +1,229 @@
+"""Building TensorRT engines from plans, on the machine that will run them.
+
+Why here and lazily: `tensorrt` exists only on the device (or a GPU box with the same
+GPU), so this module imports it inside functions and importing it never does. What can
+be decided without TensorRT (shapes, flags, paths, compatibility) lives in pure
+functions: `engines.plan` and `check_engine_compatible` below.
+
+An engine is tied to the TensorRT version and the GPU it was built on; its record in
+the manifest (`variants.<v>.engines.<target>`) says which, and the runtime refuses a
+plan built elsewhere instead of letting TensorRT fail deep inside deserialisation.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterable
+
+from vlm_export.engines.plan import EnginePlan
+from vlm_export.errors import BackendUnavailableError, BundleError, InputError, VlmExportError
+from vlm_export.runtime.manifest import MANIFEST_NAME, resolve_inside, sha256_file
+
+INSTALL_HINT = "install TensorRT on the device (runtimes/README.md) or run the printed trtexec lines there"
+
+
+class EngineBuildError(VlmExportError):
+    """TensorRT refused a graph or failed to build it (exit 2; the TensorRT log says why)."""
+
+
+@lru_cache(maxsize=1)
+def _tensorrt_import_error() -> str | None:
+    try:
+        import tensorrt
+
+        getattr(tensorrt, "Builder")
+    except Exception as exc:  # noqa: BLE001 - stubs raise anything from ImportError to RuntimeError
+        return f"{type(exc).__name__}: {exc}".splitlines()[0]
+    return None
+
+
+def is_tensorrt_available() -> bool:
+    """True when `import tensorrt` gives the real bindings (not a registry stub)."""
+    return _tensorrt_import_error() is None
+
+
+def require_tensorrt() -> Any:
+    """The tensorrt module, or a one-line BackendUnavailableError naming what is missing."""
+    error = _tensorrt_import_error()
+    if error is not None:
+        raise BackendUnavailableError(f"TensorRT is not installed here (import tensorrt: {error}); {INSTALL_HINT}")
+    import tensorrt
+
+    return tensorrt
+
+
+def cuda_device(index: int = 0) -> tuple[str, str]:
+    """(name, "major.minor") of CUDA device `index`, via cuda-python, else nvidia-smi."""
+    try:
+        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
+    except ImportError:
+        try:
+            from cuda import cudart  # type: ignore[no-redef]  # older cuda-python
+        except ImportError:
+            return _nvidia_smi_device(index)
+    err, count = cudart.cudaGetDeviceCount()
+    if err != cudart.cudaError_t.cudaSuccess or count <= index:
+        raise BackendUnavailableError(f"no CUDA GPU {index} visible (cudaGetDeviceCount: {err}); TensorRT needs a GPU")
+    err, prop = cudart.cudaGetDeviceProperties(index)
+    name = prop.name.decode(errors="replace").rstrip("\x00") if isinstance(prop.name, bytes) else str(prop.name)
+    return name, f"{prop.major}.{prop.minor}"
+
+
+def _nvidia_smi_device(index: int) -> tuple[str, str]:
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        raise BackendUnavailableError("no CUDA GPU found (neither cuda-python nor nvidia-smi is available); TensorRT needs a GPU")
+    out = subprocess.run([exe, "--query-gpu=name,compute_cap", "--format=csv,noheader"], capture_output=True, text=True, timeout=30)
+    rows = [r.split(",") for r in out.stdout.strip().splitlines() if "," in r]
+    if out.returncode != 0 or len(rows) <= index:
+        raise BackendUnavailableError(f"no CUDA GPU {index} visible (nvidia-smi exit {out.returncode}); TensorRT needs a GPU")
+    return rows[index][0].strip(), rows[index][1].strip()
+
+
+def _version_key(version: str) -> tuple[str, ...]:
+    """10.3.0.30 → ("10", "3", "0"): engines are tied to major.minor.patch."""
+    return tuple(version.split(".")[:3])
+
+
+def check_engine_compatible(record: dict[str, Any], runtime_trt_version: str, device_cc: str) -> None:
+    """Refuse an engine built with another TensorRT version or for another GPU.
+
+    Why: TensorRT plans are neither forward/backward compatible across versions nor
+    portable across compute capabilities; loading one fails with an opaque
+    deserialisation error or, worse, runs slow kernels for the wrong architecture.
+    """
+    built_trt = str(record.get("tensorrt_version", "?"))
+    built_cc = str(record.get("compute_capability", "?"))
+    if _version_key(built_trt) == _version_key(runtime_trt_version) and built_cc == device_cc:
+        return
+    raise BundleError(
+        f"engine '{record.get('path', '?')}' was built with TensorRT {built_trt} for compute {built_cc} "
+        f"({record.get('device', '?')}); this machine has TensorRT {runtime_trt_version} on compute {device_cc}; "
+        f"rebuild it here: vlm-export engine OUT --target {record.get('target', 'NAME')}"
+    )
+
+
+def check_device_matches_target(plan: EnginePlan, device_name: str, device_cc: str) -> None:
+    """An engine for a target must be built on that target's GPU architecture."""
+    if device_cc != plan.compute_capability:
+        raise InputError(
+            f"target '{plan.target}' is compute {plan.compute_capability} but this GPU ({device_name}) is compute "
+            f"{device_cc}; build on the target device or pick the --target that matches this GPU"
+        )
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write via a temporary sibling and rename, so a half-written plan never exists."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, path.stat().st_mode & 0o777 if path.exists() else 0o644)  # mkstemp makes 0600
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _network(trt: Any, builder: Any, plan: EnginePlan, onnx_path: Path, logger: Any) -> tuple[Any, Any]:
+    flags = 0
+    if plan.strongly_typed:  # deprecated-and-ignored in TensorRT 11, where every network is strongly typed
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        first = parser.get_error(0) if parser.num_errors else "unknown error"
+        raise EngineBuildError(f"TensorRT's ONNX parser rejected '{onnx_path}': {str(first).splitlines()[0]}")
+    return network, parser
+
+
+def _config(trt: Any, builder: Any, network: Any, plan: EnginePlan, cache_bytes: bytes) -> Any:
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, plan.workspace_mib << 20)
+    profile = builder.create_optimization_profile()
+    dynamic = False
+    for i in range(network.num_inputs):
+        tensor = network.get_input(i)
+        spec = plan.profile(tensor.name)
+        if -1 in tuple(tensor.shape):
+            profile.set_shape(tensor.name, spec.min, spec.opt, spec.max)
+            dynamic = True
+        elif tuple(tensor.shape) != spec.opt:
+            raise EngineBuildError(f"ONNX input '{tensor.name}' has shape {tuple(tensor.shape)}, the manifest says {spec.dims}")
+    if dynamic:  # a fully static network gets TensorRT's implicit profile
+        config.add_optimization_profile(profile)
+    cache = config.create_timing_cache(cache_bytes)
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    if plan.dla_core is not None:
+        config.default_device_type = trt.DeviceType.DLA
+        config.DLA_core = plan.dla_core
+        config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
+    return config
+
+
+def build_engine(plan: EnginePlan, bundle: Path, verbose: bool = False) -> dict[str, Any]:
+    """Build `plan` into `bundle/plan.engine`; return the engine record for the manifest.
+
+    The timing cache (one per target folder) is loaded first and saved after, so the
+    second component or a rebuild skips most kernel timing. Defaults to a quiet logger.
+    """
+    trt = require_tensorrt()
+    device_name, device_cc = cuda_device()
+    check_device_matches_target(plan, device_name, device_cc)
+    bundle = Path(bundle)
+    onnx_path = resolve_inside(bundle, plan.onnx)
+    engine_path = resolve_inside(bundle, plan.engine)
+    cache_path = resolve_inside(bundle, plan.timing_cache)
+    logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network, _parser = _network(trt, builder, plan, onnx_path, logger)
+    config = _config(trt, builder, network, plan, cache_path.read_bytes() if cache_path.is_file() else b"")
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise EngineBuildError(f"TensorRT could not build {plan.component}/{plan.variant} for {plan.target} (see the TensorRT log above)")
+    write_atomic(engine_path, bytes(serialized))
+    write_atomic(cache_path, bytes(config.get_timing_cache().serialize()))
+    return {
+        "path": plan.engine,
+        "sha256": sha256_file(engine_path),
+        "bytes": engine_path.stat().st_size,
+        "target": plan.target,
+        "tensorrt_version": trt.__version__,
+        "device": device_name,
+        "compute_capability": device_cc,
+        "dla_core": plan.dla_core,
+        "profile": [i.to_json() for i in plan.inputs],
+        "builder_flags": list(plan.builder_flags),
+        "built_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def engine_key(plan: EnginePlan) -> str:
+    """Key under `variants.<v>.engines`: the target, plus the DLA core when used."""
+    return plan.target if plan.dla_core is None else f"{plan.target}.dla{plan.dla_core}"
+
+
+def record_engines(bundle: Path, built: Iterable[tuple[EnginePlan, dict[str, Any]]]) -> Path:
+    """Add engine records to manifest.json (atomic rewrite; ONNX checksums untouched)."""
+    path = Path(bundle) / MANIFEST_NAME
+    data = json.loads(path.read_text(encoding="utf-8"))
+    for plan, record in built:
+        variant = data["components"][plan.component]["variants"][plan.variant]
+        variant.setdefault("engines", {})[engine_key(plan)] = record
+    write_atomic(path, (json.dumps(data, indent=2) + "\n").encode("utf-8"))
+    return path
+
+
+def build_engines(bundle: Path, plans: Iterable[EnginePlan], verbose: bool = False) -> list[dict[str, Any]]:
+    """Build every plan, then record them all in the manifest in one rewrite."""
+    built = [(p, build_engine(p, bundle, verbose)) for p in plans]
+    record_engines(bundle, built)
+    return [record for _, record in built]

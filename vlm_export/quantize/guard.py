@@ -1,0 +1,184 @@
+"""The INT8 accuracy guard: find where the drift is born and keep those nodes in float.
+
+Why: users find out on the device that INT8 broke the accuracy. After the static QDQ
+graph is made, the guard checks it against the FP32 graph on held-out calibration
+crops (never the parity images, which stay an honest test). When it misses the
+tolerance it ranks every quantized node by how much the output recovers when only
+that node's activation is left unquantized (one in-memory graph edit and one ORT run
+per node, no re-calibration), then re-quantizes with the worst 1, 2, 4, ... nodes in
+`nodes_to_exclude`, reusing the calibration cache, until the check holds or the
+attempts are spent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    """Defaults: 4 re-quantizations at most, a 0.002 cosine margin over the tolerance."""
+
+    enabled: bool = True
+    max_attempts: int = 4
+    margin: float = 0.002
+
+
+@dataclass
+class GuardResult:
+    """What the guard decided, as written to parity.json under `int8_guard`."""
+
+    before: dict[str, float]
+    after: dict[str, float]
+    kept_float: list[str] = field(default_factory=list)
+    attempts: list[dict[str, Any]] = field(default_factory=list)
+    ranking: list[dict[str, float | str]] = field(default_factory=list)
+    size_bytes: dict[str, int] = field(default_factory=dict)
+    latency_ms: dict[str, float] = field(default_factory=dict)
+    passed: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _cosines(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
+    from vlm_export.verify.metrics import cosine_per_sample
+
+    cos = cosine_per_sample(ref, got)
+    return {"cosine_min": float(cos.min()), "cosine_mean": float(cos.mean())}
+
+
+def _session(model: Any) -> Any:
+    import onnxruntime as ort
+
+    source = str(model) if isinstance(model, (str, Path)) else model.SerializeToString()
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    # Basic optimisations only: each ranking run builds a fresh session, and the full
+    # QDQ fusions cost more to set up than the few samples cost to run.
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def run_output(model: Any, feed: dict[str, np.ndarray], output: str) -> np.ndarray:
+    """One output of an ONNX file or ModelProto on the CPU provider."""
+    return _session(model).run([output], feed)[0]
+
+
+def _latency_b1(path: Path, feed: dict[str, np.ndarray]) -> float:
+    from vlm_export.verify.latency import measure
+
+    session = _session(path)
+    one = {k: v[:1] for k, v in feed.items()}
+    return measure(lambda: session.run(None, one), warmup=2, runs=5)["p50_ms"]
+
+
+def _activation_bypasses(model: Any, op_types: tuple[str, ...]) -> dict[str, list[tuple[int, str]]]:
+    """node name → [(input index, float tensor)] for `op_types` nodes' activation Q→DQ inputs."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    initializers = {t.name for t in model.graph.initializer}
+    bypasses: dict[str, list[tuple[int, str]]] = {}
+    for node in model.graph.node:
+        if node.op_type not in op_types:
+            continue
+        for index, name in enumerate(node.input):
+            dq = producers.get(name)
+            if dq is None or dq.op_type != "DequantizeLinear":
+                continue
+            q = producers.get(dq.input[0])
+            if q is None or q.op_type != "QuantizeLinear" or q.input[0] in initializers:
+                continue  # a weight (stored int8 or Q of a constant), not an activation
+            bypasses.setdefault(node.name, []).append((index, q.input[0]))
+    return bypasses
+
+
+def rank_nodes(model: Any, feed: dict[str, np.ndarray], reference: np.ndarray, output: str,
+               op_types: tuple[str, ...], progress: Callable[[], None] | None = None) -> list[dict[str, float | str]]:
+    """Quantized nodes of a QDQ ModelProto, ordered by the cosine gained when their
+    activation stays float (each node's inputs are restored after its run)."""
+    base = _cosines(reference, run_output(model, feed, output))["cosine_mean"]
+    ranking = []
+    nodes = {n.name: n for n in model.graph.node}
+    for name, inputs in _activation_bypasses(model, op_types).items():
+        original = list(nodes[name].input)
+        for index, float_tensor in inputs:
+            nodes[name].input[index] = float_tensor
+        gain = _cosines(reference, run_output(model, feed, output))["cosine_mean"] - base
+        for index, tensor in enumerate(original):
+            nodes[name].input[index] = tensor
+        ranking.append({"node": name, "op": nodes[name].op_type, "cosine_gain": float(gain)})
+        if progress:
+            progress()
+    return sorted(ranking, key=lambda r: -float(r["cosine_gain"]))
+
+
+def count_candidates(qdq_path: Path, op_types: tuple[str, ...]) -> int:
+    """How many nodes `rank_nodes` will try (for a progress bar)."""
+    import onnx
+
+    return len(_activation_bypasses(onnx.load(str(qdq_path), load_external_data=False), op_types))
+
+
+class NodeRanking:
+    """Ranks the nodes once per component and shares it between the INT8 variants.
+
+    Why shared: the QDQ graph is where each node's activation quantization can be
+    switched off cheaply; the same nodes are where the CPU variant's dynamic
+    quantization loses accuracy, and its fused graph keeps their names.
+    """
+
+    def __init__(self, qdq_path: Path, check_feed: dict[str, np.ndarray], reference: np.ndarray, output: str,
+                 op_types: tuple[str, ...], progress: Callable[[], None] | None = None) -> None:
+        import onnx
+
+        # A snapshot in memory: the guard may rewrite the QDQ file before the CPU variant asks.
+        self._model = onnx.load(str(qdq_path))
+        self._args = (check_feed, reference, output, op_types, progress)
+        self._ranking: list[dict[str, float | str]] | None = None
+
+    def __call__(self) -> list[dict[str, float | str]]:
+        if self._ranking is None:
+            ranking = rank_nodes(self._model, *self._args)
+            self._ranking = [r for r in ranking if float(r["cosine_gain"]) > 0]
+        return self._ranking
+
+
+def guard_int8(
+    variant_path: Path,
+    check_feed: dict[str, np.ndarray],
+    reference: np.ndarray,
+    output: str,
+    target_cosine_min: float,
+    requantize: Callable[[tuple[str, ...]], None],
+    ranking: Callable[[], list[dict[str, float | str]]],
+    config: GuardConfig = GuardConfig(),
+) -> GuardResult:
+    """Check an INT8 variant against the FP32 `reference`; when it misses, re-quantize it in
+    place with the worst-ranked 1, 2, 4, ... nodes kept float (`requantize(excluded)`)."""
+    before = _cosines(reference, run_output(variant_path, check_feed, output))
+    result = GuardResult(before=before, after=before, size_bytes={"before": variant_path.stat().st_size})
+    goal = target_cosine_min + config.margin
+    result.passed = before["cosine_min"] >= goal
+    if result.passed or not config.enabled:
+        result.size_bytes["after"] = result.size_bytes["before"]
+        return result
+    result.latency_ms["before"] = _latency_b1(variant_path, check_feed)
+    result.ranking = ranking()
+    for attempt in range(config.max_attempts):
+        count = min(2**attempt, len(result.ranking))
+        excluded = [str(r["node"]) for r in result.ranking[:count]]
+        requantize(tuple(excluded))
+        metrics = _cosines(reference, run_output(variant_path, check_feed, output))
+        passed = metrics["cosine_min"] >= goal
+        result.attempts.append({"excluded": count, **metrics, "passed": passed})
+        result.kept_float, result.after, result.passed = excluded, metrics, passed
+        if passed or count == len(result.ranking):
+            break
+    result.size_bytes["after"] = variant_path.stat().st_size
+    result.latency_ms["after"] = _latency_b1(variant_path, check_feed)
+    return result
