@@ -63,11 +63,22 @@ class BuildOptions:
 class BuildResult:
     out: Path
     records: list[ParityRecord] = field(default_factory=list)
-    guard: dict[str, Any] = field(default_factory=dict)  # component → GuardResult JSON
+    guard: dict[str, Any] = field(default_factory=dict)  # component → variant → GuardResult JSON
+    end_to_end: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def failed(self) -> list[ParityRecord]:
         return [r for r in self.records if not r.passed]
+
+    @property
+    def failed_names(self) -> list[str]:
+        names = [f"{r.component}/{r.variant}" for r in self.failed]
+        return names + [f"{e['name']}/{e['variant']}" for e in self.end_to_end if not e["passed"]]
+
+    def failure_summary(self) -> str:
+        parts = [f"{r.component}/{r.variant}: {', '.join(r.failures)}" for r in self.failed]
+        parts += [f"{e['name']}/{e['variant']}: {', '.join(e['failures'])}" for e in self.end_to_end if not e["passed"]]
+        return "; ".join(parts)
 
 
 def _config_hash(model_dir: Path) -> str:
@@ -102,14 +113,14 @@ def _calibration_data(opts: BuildOptions, family: Any, loaded: LoadedModel, repo
     photos = [img for _, img in _images(opts.calibration_dir, "--calibration", "calibration", reporter)]
     samples = random_resized_crops(photos, opts.calibration_size, seed=opts.seed)
     check = random_resized_crops(photos, GUARD_SAMPLES + len(photos), seed=opts.seed + 1)[len(photos):]
-    return CalibrationData(_preprocess(family, loaded, samples, reporter), family.preprocess_images(loaded, check))
+    return CalibrationData(_preprocess(family, loaded, samples, reporter), family.sample_inputs(loaded, check))
 
 
 def _preprocess(family: Any, loaded: LoadedModel, samples: list[Any], reporter: Reporter) -> dict[str, np.ndarray]:
     with reporter.task("Preparing calibration samples", total=len(samples)) as task:
         feeds = []
         for i in range(0, len(samples), 16):
-            feeds.append(family.preprocess_images(loaded, samples[i : i + 16]))
+            feeds.append(family.sample_inputs(loaded, samples[i : i + 16]))
             task.advance(len(samples[i : i + 16]))
     return {k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]}
 
@@ -239,18 +250,21 @@ def build(opts: BuildOptions, reporter: Reporter | None = None) -> BuildResult:
         with reporter.task(f"Loading {family.name} model from {opts.model_dir}"):
             loaded = family.load(opts.model_dir)
         parity_images = _images(opts.parity_dir, "--parity-images", "parity", reporter)
-        parity_feed = family.preprocess_images(loaded, [img for _, img in parity_images])
+        parity_feed = family.sample_inputs(loaded, [img for _, img in parity_images])
         calib = _calibration_data(opts, family, loaded, reporter) if "int8" in opts.precisions else None
         result = BuildResult(out=opts.out)
-        components = {}
+        components, all_paths = {}, {}
         for spec in family.components(loaded):
-            paths = _build_variants(spec, writer, opts, calib, reporter, result.guard)
+            paths = all_paths[spec.name] = _build_variants(spec, writer, opts, calib, reporter, result.guard)
             records = _parity(spec, paths, parity_feed, opts, reporter)
             result.records.extend(records)
             components[spec.name] = _component_manifest(spec, paths, writer, records)
+        end_to_end = _end_to_end(family, loaded, all_paths, [img for _, img in parity_images], reporter)
+        result.end_to_end = end_to_end
         parity = {
             "samples": [name for name, _ in parity_images],
             "records": [r.to_json() for r in result.records],
+            "end_to_end": end_to_end,
             "int8_guard": result.guard,
         }
         writer.write_json("parity.json", parity)
@@ -260,12 +274,33 @@ def build(opts: BuildOptions, reporter: Reporter | None = None) -> BuildResult:
             "components": components,
             "preprocess": dict(loaded.preprocess),
             "labels": list(loaded.labels) if loaded.labels else None,
-            "parity": {"passed": not result.failed, "failed": [f"{r.component}/{r.variant}" for r in result.failed], "file": "parity.json"},
+            "files": _copy_bundle_files(loaded, writer),
+            **dict(loaded.manifest_extra),
+            "parity": {"passed": not result.failed_names, "failed": result.failed_names, "file": "parity.json"},
             "build": {"precisions": list(opts.precisions), "calibration_method": opts.calibration_method.value, "calibration_size": opts.calibration_size, "seed": opts.seed, "int8_guard": opts.int8_guard},
         }
         write_report(writer.path("report.md"), manifest, parity)
         writer.commit(manifest)
     return result
+
+
+def _end_to_end(family: Any, loaded: LoadedModel, paths: dict[str, dict[str, Path]], images: list[Any], reporter: Reporter) -> list[dict[str, Any]]:
+    """The family's end-to-end parity (zero-shot argmax, captions), when it has one."""
+    if not hasattr(family, "end_to_end_parity"):
+        return []
+    with reporter.task(f"End-to-end parity ({family.name})"):
+        return list(family.end_to_end_parity(loaded, paths, images))
+
+
+def _copy_bundle_files(loaded: LoadedModel, writer: BundleWriter) -> dict[str, dict[str, Any]]:
+    """Copy the family's side files (tokenizer.json, ...) and checksum them."""
+    import shutil
+
+    files = {}
+    for relative, source in loaded.bundle_files.items():
+        shutil.copyfile(source, writer.path(relative))
+        files[relative] = {"sha256": writer.checksum(relative), "bytes": source.stat().st_size}
+    return files
 
 
 def load_parity(out: Path) -> dict[str, Any]:

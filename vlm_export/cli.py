@@ -121,8 +121,8 @@ def build(
     _print_parity(result.out)
     if target is not None:
         _engines_after_build(result.out, target, reporter)
-    if result.failed:
-        summary = "; ".join(f"{r.component}/{r.variant}: {', '.join(r.failures)}" for r in result.failed)
+    if result.failed_names:
+        summary = result.failure_summary()
         if allow_drift:
             reporter.warn(f"parity drift allowed: {summary}")
         else:

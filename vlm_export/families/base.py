@@ -93,7 +93,12 @@ class LoadedModel:
     config: Mapping[str, Any]
     preprocess: Mapping[str, Any]  # the runtime's preprocessing config (see runtime.preprocess)
     labels: Sequence[str] | None = None  # class names of a classifier, index-aligned
-    extra: Mapping[str, Any] = field(default_factory=dict)
+    extra: Mapping[str, Any] = field(default_factory=dict)  # family-private state (processor, head)
+    # Files copied into the bundle as they are (bundle-relative name → source), e.g.
+    # tokenizer.json for the runtime's `tokenizers`; checksummed in manifest["files"].
+    bundle_files: Mapping[str, Path] = field(default_factory=dict)
+    # Extra top-level manifest sections the runtime needs (e.g. "tokenizer", "llm").
+    manifest_extra: Mapping[str, Any] = field(default_factory=dict)
 
 
 class Family(Protocol):
@@ -110,6 +115,24 @@ class Family(Protocol):
         """The graphs to export, declared as data."""
         ...
 
-    def preprocess_images(self, loaded: LoadedModel, images: Sequence[Any]) -> dict[str, "np.ndarray"]:
-        """Model inputs for a list of PIL images, through the model's own processor."""
+    def sample_inputs(self, loaded: LoadedModel, images: Sequence[Any]) -> dict[str, "np.ndarray"]:
+        """Inputs of every component for a list of PIL images, keyed by input name.
+
+        Built with the model's own processor (and tokenizer, with prompts the family
+        chooses); each component takes the arrays named by its inputs, whose first axis
+        is that component's sample axis. Used for calibration, the INT8 guard and parity.
+        """
         ...
+
+
+class EndToEndParity(Protocol):
+    """Optional family hook: parity of what the user sees (zero-shot argmax, captions).
+
+    `variants[component][variant_key]` are the ONNX files written so far. Returns records
+    stored in parity.json under "end_to_end": {"name", "variant", "metrics", "tolerance",
+    "passed", "failures"}; a failed one fails the build like a component record.
+    """
+
+    def end_to_end_parity(
+        self, loaded: LoadedModel, variants: Mapping[str, Mapping[str, Path]], images: Sequence[Any]
+    ) -> list[dict[str, Any]]: ...

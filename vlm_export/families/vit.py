@@ -129,7 +129,7 @@ class VitFamily:
             )
         ]
 
-    def preprocess_images(self, loaded: LoadedModel, images: Sequence[Any]) -> dict[str, np.ndarray]:
+    def sample_inputs(self, loaded: LoadedModel, images: Sequence[Any]) -> dict[str, np.ndarray]:
         processor = loaded.extra["processor"]
         pixel_values = processor(images=list(images), return_tensors="np")["pixel_values"]
         return {"pixel_values": np.asarray(pixel_values, dtype=np.float32)}

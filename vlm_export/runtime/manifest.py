@@ -72,6 +72,18 @@ class Manifest:
     def labels(self) -> list[str] | None:
         return self.data.get("labels")
 
+    def file(self, relative: str) -> Path:
+        """A side file listed in manifest["files"] (e.g. tokenizer.json), checksum verified."""
+        entry = self.data.get("files", {}).get(relative)
+        if entry is None:
+            raise BundleError(f"'{relative}' is not listed in '{self.root / MANIFEST_NAME}'; rebuild the bundle")
+        path = resolve_inside(self.root, relative)
+        if not path.is_file():
+            raise BundleError(f"bundle file '{path}' is missing; rebuild or re-copy the bundle")
+        if sha256_file(path) != entry.get("sha256"):
+            raise BundleError(f"checksum mismatch for '{path}'; the bundle was modified after it was built")
+        return path
+
     def variants(self, component: str) -> dict[str, Variant]:
         raw = self.components[component]["variants"]
         return {key: _variant(self.root, key, v) for key, v in raw.items()}

@@ -156,7 +156,29 @@ def _runner(manifest: Manifest, name: str, chosen: Variant, prov: Provider, thre
     return ComponentRunner(chosen, prov, threads, options)
 
 
-_MODEL_CLASSES: dict[str, type[BundleModel]] = {"vit": VisionModel}
+# family → "module:Class" of its runtime model, imported only when such a bundle loads.
+_MODEL_CLASSES: dict[str, str] = {
+    "vit": "vlm_export.runtime.model:VisionModel",
+    "clip": "vlm_export.runtime.clip:ClipModel",
+    "llava": "vlm_export.runtime.llava:LlavaModel",
+    "blip": "vlm_export.runtime.blip:BlipModel",
+    "qwen2_vl": "vlm_export.runtime.qwen2_vl:Qwen2VLModel",
+}
+
+
+def _model_class(family: str) -> type[BundleModel] | None:
+    import importlib
+
+    target = _MODEL_CLASSES.get(family)
+    if target is None:
+        return None
+    module_name, class_name = target.split(":")
+    try:
+        return getattr(importlib.import_module(module_name), class_name, None)
+    except ModuleNotFoundError as exc:
+        if exc.name == module_name:
+            return None
+        raise
 
 
 def load(
@@ -176,7 +198,8 @@ def load(
     Defaults to FP32 on the CPU provider.
     """
     manifest = read_manifest(Path(bundle))
-    if manifest.family not in _MODEL_CLASSES:
+    model_class = _model_class(manifest.family)
+    if model_class is None:
         raise BundleError(f"bundle family '{manifest.family}' is not known to this runtime; upgrade vlm-export")
     prov = Provider.parse(provider)
     names = list(components or manifest.components)
@@ -190,4 +213,4 @@ def load(
         if chosen.parity_passed is False:
             log.warning("variant %s/%s failed parity at build time (see parity.json)", name, chosen.key)
         runners[name] = _runner(manifest, name, chosen, prov, threads, target)
-    return _MODEL_CLASSES[manifest.family](manifest, runners, prov)
+    return model_class(manifest, runners, prov)
