@@ -1,4 +1,4 @@
-"""The INT8 guard turns a failing INT8 build into a passing one."""
+"""The INT8 guard turns a failing INT8 build into a passing one; auto calibration choice."""
 
 from __future__ import annotations
 
@@ -37,3 +37,15 @@ def test_guard_leaves_a_passing_model_alone(vit_bundle: Path) -> None:
     for decision in parity["int8_guard"]["vision"].values():
         assert record["passed"] and decision["passed"]
         assert decision["kept_float"] == [] and decision["attempts"] == []
+
+
+def test_calibration_method_auto_records_the_comparison(tiny_vit_dir: Path, photo_dir: Path, tmp_path: Path) -> None:
+    result = _build(tiny_vit_dir, tmp_path / "auto", photo_dir, "--calibration-method", "auto", "--precision", "int8")
+    assert result.exit_code == 0, result.output
+    parity, record = _int8(tmp_path / "auto")
+    choice = parity["calibration_methods"]["vision"]
+    assert set(choice["results"]) == {"minmax", "entropy", "percentile"}
+    best = max(choice["results"].values(), key=lambda r: (r["cosine_min"], r["cosine_mean"]))
+    assert choice["results"][choice["chosen"]] == best
+    assert all(0 < r["cosine_min"] <= 1 and r["seconds"] > 0 for r in choice["results"].values())
+    assert record["passed"]

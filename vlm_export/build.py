@@ -65,6 +65,7 @@ class BuildResult:
     records: list[ParityRecord] = field(default_factory=list)
     guard: dict[str, Any] = field(default_factory=dict)  # component → variant → GuardResult JSON
     end_to_end: list[dict[str, Any]] = field(default_factory=list)
+    methods: dict[str, Any] = field(default_factory=dict)  # component → calibration method comparison
 
     @property
     def failed(self) -> list[ParityRecord]:
@@ -122,12 +123,17 @@ def _preprocess(family: Any, loaded: LoadedModel, samples: list[Any], reporter: 
         for i in range(0, len(samples), 16):
             feeds.append(family.sample_inputs(loaded, samples[i : i + 16]))
             task.advance(len(samples[i : i + 16]))
-    return {k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]}
+    return {k: _join_samples([f[k] for f in feeds]) for k in feeds[0]}
+
+
+def _join_samples(chunks: list[Any]) -> Any:
+    """Stacked chunks concatenate along the sample axis; ragged ones (lists) chain."""
+    return [a for chunk in chunks for a in chunk] if isinstance(chunks[0], list) else np.concatenate(chunks)
 
 
 def _build_variants(
     spec: ComponentSpec, writer: BundleWriter, opts: BuildOptions, calib: CalibrationData | None, reporter: Reporter,
-    guard: dict[str, Any],
+    guard: dict[str, Any], methods: dict[str, Any],
 ) -> dict[str, Path]:
     from vlm_export.export import check_against_torch, check_graph, export_component
 
@@ -144,8 +150,16 @@ def _build_variants(
         feed = {t.name: calib.samples[t.name] for t in spec.inputs}
         reader = FeedReader(batched_feeds(feed, 8))
         config = Int8Config(method=opts.calibration_method)
+        if config.method is CalibrationMethod.AUTO:
+            from vlm_export.quantize.method_choice import choose_method
+
+            with reporter.task(f"[{spec.name}] comparing minmax / entropy / percentile calibration"):
+                choice = choose_method(paths["fp32"], feed, {t.name: calib.check[t.name] for t in spec.inputs}, spec.parity_output, config)
+            methods[spec.name] = choice
+            config = Int8Config(method=CalibrationMethod(choice["chosen"]))
+            reporter.note(f"[{spec.name}] calibration method: {choice['chosen']} won")
         cache = writer.path(f"{spec.name}/calibration_cache.json")
-        with reporter.task(f"[{spec.name}] INT8 QDQ calibration ({opts.calibration_method.value}, {len(reader)} batches)"):
+        with reporter.task(f"[{spec.name}] INT8 QDQ calibration ({config.method.value}, {len(reader)} batches)"):
             paths["int8"] = to_int8_qdq(paths["fp32"], writer.path(f"{base}.int8.onnx"), reader, config, cache_path=cache)
         with reporter.task(f"[{spec.name}] INT8 for the CPU provider (fused GELU/attention, dynamic MatMul)"):
             paths["int8-cpu"] = to_int8_cpu(paths["fp32"], writer.path(f"{base}.int8-cpu.onnx"))
@@ -192,11 +206,12 @@ def _parity(
     spec: ComponentSpec, paths: dict[str, Path], parity_feed: dict[str, np.ndarray], opts: BuildOptions, reporter: Reporter
 ) -> list[ParityRecord]:
     from vlm_export.export import torch_outputs
+    from vlm_export.quantize.reader import first_sample
     from vlm_export.runtime.session import create_session
     from vlm_export.verify import evaluate, measure, run_in_batches
 
     feed = {t.name: parity_feed[t.name] for t in spec.inputs}
-    one = {k: v[:1] for k, v in feed.items()}
+    one = first_sample(feed)
     records = []
     with reporter.task(f"[{spec.name}] parity vs PyTorch FP32", total=len(paths) + 1) as task:
         reference = run_in_batches(lambda f: torch_outputs(spec, f), feed)
@@ -255,7 +270,7 @@ def build(opts: BuildOptions, reporter: Reporter | None = None) -> BuildResult:
         result = BuildResult(out=opts.out)
         components, all_paths = {}, {}
         for spec in family.components(loaded):
-            paths = all_paths[spec.name] = _build_variants(spec, writer, opts, calib, reporter, result.guard)
+            paths = all_paths[spec.name] = _build_variants(spec, writer, opts, calib, reporter, result.guard, result.methods)
             records = _parity(spec, paths, parity_feed, opts, reporter)
             result.records.extend(records)
             components[spec.name] = _component_manifest(spec, paths, writer, records)
@@ -266,6 +281,7 @@ def build(opts: BuildOptions, reporter: Reporter | None = None) -> BuildResult:
             "records": [r.to_json() for r in result.records],
             "end_to_end": end_to_end,
             "int8_guard": result.guard,
+            "calibration_methods": result.methods,
         }
         writer.write_json("parity.json", parity)
         manifest = {

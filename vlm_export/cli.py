@@ -80,7 +80,7 @@ def build(
     precision: str = typer.Option("fp32,fp16,int8", help="Comma list of fp32, fp16, int8. fp32 is always built (it is the source of the others)."),
     calibration: Optional[Path] = typer.Option(None, help="Folder of real images for INT8 calibration. Defaults to the built-in set of package photos."),
     calibration_size: int = typer.Option(128, help="Calibration samples: random resized crops and flips of the calibration images."),
-    calibration_method: str = typer.Option("minmax", help="INT8 range calibration: minmax, entropy or percentile."),
+    calibration_method: str = typer.Option("minmax", help="INT8 range calibration: minmax, entropy, percentile, or auto (try the three on a subset, keep the best, record the comparison)."),
     parity_images: Optional[Path] = typer.Option(None, help="Folder of images for the parity check. Defaults to the built-in parity photos (disjoint from calibration)."),
     allow_drift: bool = typer.Option(False, help="Report parity failures as warnings and exit 0."),
     int8_guard: str = typer.Option("on", help="on: when the INT8 QDQ graph misses its tolerance on held-out crops, keep the nodes where the drift is born in float and re-quantize. off: ship it as calibrated."),

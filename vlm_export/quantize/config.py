@@ -19,6 +19,7 @@ class CalibrationMethod(str, enum.Enum):
     MINMAX = "minmax"
     ENTROPY = "entropy"
     PERCENTILE = "percentile"
+    AUTO = "auto"  # try the three on a subset, keep the best (quantize/method_choice.py)
 
     @classmethod
     def parse(cls, value: str) -> "CalibrationMethod":

@@ -65,16 +65,24 @@ def _session(model: Any) -> Any:
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
-def run_output(model: Any, feed: dict[str, np.ndarray], output: str) -> np.ndarray:
-    """One output of an ONNX file or ModelProto on the CPU provider."""
-    return _session(model).run([output], feed)[0]
+def run_output(model: Any, feed: dict[str, Any], output: str) -> np.ndarray:
+    """One output of an ONNX file or ModelProto on the CPU provider; a ragged feed runs
+    sample by sample and its outputs are zero-padded and stacked."""
+    from vlm_export.quantize.reader import batched_feeds, is_ragged
+    from vlm_export.verify.metrics import pad_stack
+
+    session = _session(model)
+    if is_ragged(feed):
+        return pad_stack([session.run([output], f)[0] for f in batched_feeds(feed)])
+    return session.run([output], feed)[0]
 
 
 def _latency_b1(path: Path, feed: dict[str, np.ndarray]) -> float:
+    from vlm_export.quantize.reader import first_sample
     from vlm_export.verify.latency import measure
 
     session = _session(path)
-    one = {k: v[:1] for k, v in feed.items()}
+    one = first_sample(feed)
     return measure(lambda: session.run(None, one), warmup=2, runs=5)["p50_ms"]
 
 
