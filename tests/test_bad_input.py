@@ -50,7 +50,7 @@ def test_no_config(tmp_path: Path) -> None:
 def test_unsupported_model_type(tmp_path: Path) -> None:
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    _assert_one_line(_cli("build", str(tmp_path / "m"), "-o", str(tmp_path / "out")), 2, "'bert'", "supported: dinov2, vit")
+    _assert_one_line(_cli("build", str(tmp_path / "m"), "-o", str(tmp_path / "out")), 2, "'bert'", "supported:", "dinov2", "vit")
 
 
 def test_weights_missing(tiny_vit_dir: Path, tmp_path: Path) -> None:

@@ -120,3 +120,10 @@ def test_run_unreadable_image(vit_bundle: Path, tmp_path: Path) -> None:
     result = runner.invoke(app, ["run", str(vit_bundle), str(bad)])
     assert result.exit_code == 2
     assert "half.jpg" in result.output
+
+
+def test_build_writes_reports_and_per_sample(vit_bundle: Path) -> None:
+    assert (vit_bundle / "report.html").is_file()
+    assert sorted(p.name for p in (vit_bundle / "plots").iterdir()) == ["errors.png", "latency.png"]
+    for rec in json.loads((vit_bundle / "parity.json").read_text())["records"]:
+        assert len(rec["per_sample"]["cosine"]) == len(rec["per_sample"]["max_abs"]) == rec["samples"]

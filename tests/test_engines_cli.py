@@ -96,7 +96,9 @@ def test_bench_cpu_writes_bench_json_only(vit_bundle: Path, tmp_path: Path) -> N
         assert 0 < r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"]
         assert r["throughput_per_s"] == pytest.approx(r["batch"] * 1e3 / r["p50_ms"])
     assert (bundle / "manifest.json").read_bytes() == manifest_before
-    assert sorted(p.relative_to(bundle) for p in bundle.rglob("*")) == sorted([*files_before, Path("bench.json")])
+    added = [Path("bench.json"), Path("plots/latency_vs_batch.png")]  # the reports are refreshed with the bench
+    assert sorted(p.relative_to(bundle) for p in bundle.rglob("*")) == sorted([*files_before, *added])
+    assert "plots/latency_vs_batch.png" in (bundle / "report.md").read_text()
     again = runner.invoke(app, ["bench", str(bundle), "--variants", "int8-cpu", "--batch", "2", "--runs", "1"])
     assert again.exit_code == 0, again.output
     rows = json.loads((bundle / "bench.json").read_text())["providers"]["cpu"]["results"]

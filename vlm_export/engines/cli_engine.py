@@ -196,4 +196,11 @@ def bench(
     console.print(table)
     entry = {"measured_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "onnxruntime": ort.__version__,
              "machine": f"{platform.machine()} {platform.processor() or platform.system()}", "threads": threads, "runs": runs, "results": rows}
-    typer.echo(f"results written to {_write_bench(bundle, provider, entry)}")
+    path = _write_bench(bundle, provider, entry)
+    try:
+        from vlm_export.report import refresh_reports
+
+        refresh_reports(bundle)
+    except ImportError:  # a runtime-only install has no matplotlib
+        typer.echo("reports not refreshed: matplotlib missing (pip install 'vlm-export[build]')", err=True)
+    typer.echo(f"results written to {path}")

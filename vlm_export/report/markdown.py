@@ -1,13 +1,17 @@
 """report.md: what is in the bundle and whether each variant holds parity.
 
 Plain tables a reviewer reads first: per component × variant, the parity metrics
-against their tolerance, CPU latency and the ratio to PyTorch eager, and file size.
+against their tolerance, CPU latency and the ratio to PyTorch eager, and file size;
+then, when the build recorded them, the INT8 guard's decisions, the calibration
+methods compared, latency vs batch, and the plots (PNG files next to report.md).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
+
+from vlm_export.report.tables import Status, Table, bench_tables, calibration_tables, guard_tables
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -53,7 +57,41 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def render(manifest: dict[str, Any], parity: dict[str, Any]) -> str:
+def _md_cell(text: str, status: Status) -> str:
+    text = text.replace("|", "\\|").replace("\n", " ")
+    return f"**{text}**" if status is Status.FAIL and text else text
+
+
+def md_table(table: Table) -> str:
+    """A shared Table as a markdown section: heading, table, note, listed items."""
+    rows = [[_md_cell(c.text, c.status) for c in row] for row in table.rows]
+    parts = [f"## {table.title}", "", _table(list(table.header), rows)]
+    if table.note:
+        parts += ["", table.note]
+    if table.items:
+        parts += [""] + [f"- `{item}`" for item in table.items]
+    return "\n".join(parts) + "\n"
+
+
+def extra_sections(parity: dict[str, Any], bench: dict[str, Any] | None = None, plots: Mapping[str, str] | None = None) -> str:
+    """INT8 guard, calibration, plots and latency-vs-batch sections (empty when absent).
+
+    `plots` maps a relative PNG path (e.g. `plots/latency.png`) to its caption.
+    """
+    parts = [md_table(t) for t in [*guard_tables(parity), *calibration_tables(parity)] if t.rows]
+    if plots:
+        parts += ["## Plots", ""] + [f"![{caption}]({path})\n" for path, caption in plots.items()]
+    parts += [md_table(t) for t in bench_tables(bench)]
+    return "\n".join(parts)
+
+
+def render(
+    manifest: dict[str, Any],
+    parity: dict[str, Any],
+    bench: dict[str, Any] | None = None,
+    plots: Mapping[str, str] | None = None,
+) -> str:
+    """The whole report.md; `bench` (bench.json) and `plots` (path → caption) are optional."""
     header = ["component", "variant", "verdict", "cos min", "cos mean", "max abs", "top-1", "CPU p50 ms", "× PyTorch", "MB"]
     verdict = "all variants hold parity" if manifest["parity"]["passed"] else "FAILED: " + ", ".join(manifest["parity"]["failed"])
     src = manifest["source"]
@@ -73,9 +111,16 @@ def render(manifest: dict[str, Any], parity: dict[str, Any]) -> str:
     for name, comp in manifest["components"].items():
         for key, v in comp["variants"].items():
             parts.append(f"- `{name}/{key}`: {v['recipe']}, for {', '.join(v['providers'])} (`{v['onnx']}`)")
-    return "\n".join(parts) + "\n"
+    extra = extra_sections(parity, bench, plots)
+    return "\n".join(parts) + "\n" + ("\n" + extra if extra else "")
 
 
-def write_report(path: Path, manifest: dict[str, Any], parity: dict[str, Any]) -> Path:
-    path.write_text(render(manifest, parity), encoding="utf-8")
+def write_report(
+    path: Path,
+    manifest: dict[str, Any],
+    parity: dict[str, Any],
+    bench: dict[str, Any] | None = None,
+    plots: Mapping[str, str] | None = None,
+) -> Path:
+    path.write_text(render(manifest, parity, bench, plots), encoding="utf-8")
     return path

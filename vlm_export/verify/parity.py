@@ -13,7 +13,7 @@ from typing import Any, Callable
 import numpy as np
 
 from vlm_export.families.base import ComponentSpec, ParityKind, Tolerance
-from vlm_export.verify.metrics import compare
+from vlm_export.verify.metrics import compare, cosine_per_sample, pad_stack
 from vlm_export.verify.tolerances import default_tolerance, failures
 
 
@@ -31,6 +31,7 @@ class ParityRecord:
     passed: bool
     failures: list[str]
     latency: dict[str, dict[str, float]] = field(default_factory=dict)
+    per_sample: dict[str, list[float]] = field(default_factory=dict)  # parity output: "cosine", "max_abs"
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -39,8 +40,15 @@ class ParityRecord:
 def run_in_batches(
     run: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]], feed: dict[str, np.ndarray], batch: int = 8
 ) -> dict[str, np.ndarray]:
-    """Run a feed whose first axis is the sample in chunks, concatenating the outputs."""
+    """Run a feed whose first axis is the sample in chunks, concatenating the outputs.
+
+    A ragged feed (lists of per-sample arrays) runs one sample at a time; its outputs
+    are zero-padded to one shape and stacked (`pad_stack`).
+    """
     count = len(next(iter(feed.values())))
+    if isinstance(next(iter(feed.values())), list):
+        runs = [run({k: v[i] for k, v in feed.items()}) for i in range(count)]
+        return {name: pad_stack([r[name] for r in runs]) for name in runs[0]}
     chunks = [run({k: v[i : i + batch] for k, v in feed.items()}) for i in range(0, count, batch)]
     return {name: np.concatenate([c[name] for c in chunks]) for name in chunks[0]}
 
@@ -68,7 +76,13 @@ def evaluate(
     for name, metrics in per_output.items():
         if not metrics["finite"] and name != spec.parity_output:
             reasons.append(f"output '{name}' has NaN/Inf")
+    ref, got = reference[spec.parity_output], outputs[spec.parity_output]
+    per_sample = {
+        "cosine": cosine_per_sample(ref, got).tolist(),
+        "max_abs": np.abs(got.astype(np.float64) - ref.astype(np.float64)).reshape(len(ref), -1).max(axis=1).tolist(),
+    }
     return ParityRecord(
+        per_sample=per_sample,
         component=spec.name,
         variant=variant,
         precision=precision,

@@ -1,0 +1,248 @@
+"""The report's tables, defined once and rendered twice (report.md and report.html).
+
+Why a tiny table model: the markdown and the HTML report must say the same thing; each
+cell carries a status (pass/fail) so the HTML can highlight a miss against tolerance
+while the markdown marks it in bold. Inputs are the plain dicts of manifest.json and
+parity.json (optional sections read defensively: a bundle from an older build lacks them).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+DASH = "–"
+
+
+class Status(enum.Enum):
+    PLAIN = "plain"
+    PASS = "pass"
+    FAIL = "fail"
+
+
+@dataclass(frozen=True)
+class Cell:
+    text: str
+    status: Status = Status.PLAIN
+
+
+@dataclass(frozen=True)
+class Table:
+    title: str
+    header: tuple[str, ...]
+    rows: tuple[tuple[Cell, ...], ...]
+    note: str = ""
+    items: tuple[str, ...] = field(default=())  # a list shown under the table (e.g. node names)
+
+
+def fmt(value: Any, digits: int = 4) -> str:
+    """Numbers for people: `digits` significant digits; 6 or more means fixed decimals
+    (cosines near 1, where 0.999999 and 1.000000 must stay distinguishable)."""
+    if value is None:
+        return DASH
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        if digits >= 6 and 1e-3 <= abs(value) < 1e3:
+            return f"{value:.{digits}f}"
+        text = f"{value:.{digits}g}"
+        return f"{value:.0f}" if "e" in text and abs(value) >= 1 else text
+    return str(value)
+
+
+def _cells(*values: Any) -> tuple[Cell, ...]:
+    return tuple(v if isinstance(v, Cell) else Cell(fmt(v)) for v in values)
+
+
+def _against(value: float | None, bound: float | None, upper: bool, digits: int = 6) -> Cell:
+    """A metric with its tolerance: `0.9857 (≥ 0.99)`, FAIL when outside the bound."""
+    if value is None:
+        return Cell(DASH)
+    if bound is None:
+        return Cell(fmt(value, digits))
+    ok = value <= bound if upper else value >= bound
+    sign = "≤" if upper else "≥"
+    return Cell(f"{fmt(value, digits)} ({sign} {fmt(bound)})", Status.PASS if ok else Status.FAIL)
+
+
+def verdict_cell(passed: bool | None) -> Cell:
+    if passed is None:
+        return Cell(DASH)
+    return Cell("PASS", Status.PASS) if passed else Cell("FAIL", Status.FAIL)
+
+
+def parity_table(parity: dict[str, Any]) -> Table:
+    """Per component × variant: each parity metric against its tolerance."""
+    rows = []
+    for rec in parity.get("records", []):
+        m, tol = rec.get("metrics", {}), rec.get("tolerance", {})
+        rows.append(
+            (Cell(rec["component"]), Cell(rec["variant"]), Cell(rec.get("precision", DASH)), verdict_cell(rec.get("passed")))
+            + (
+                _against(m.get("cosine_min"), tol.get("cosine_min"), upper=False),
+                Cell(fmt(m.get("cosine_mean"), 6)),
+                _against(m.get("max_abs"), tol.get("max_abs"), upper=True, digits=4),
+                Cell(fmt(m.get("mean_abs"))),
+                _against(m.get("top1_agreement"), tol.get("top1_agreement"), upper=False, digits=4),
+                Cell(fmt(rec.get("samples"))),
+                Cell("; ".join(rec.get("failures", [])) or DASH, Status.FAIL if rec.get("failures") else Status.PLAIN),
+            )
+        )
+    header = ("component", "variant", "precision", "verdict", "cos min (tol)", "cos mean", "max abs (tol)", "mean abs", "top-1 (tol)", "samples", "reasons")
+    return Table("Parity against PyTorch FP32", header, tuple(rows))
+
+
+def latency_table(parity: dict[str, Any]) -> Table:
+    """Per variant and provider: batch-1 p50/p90/p99 and the speed-up over PyTorch eager."""
+    rows = []
+    for rec in parity.get("records", []):
+        latency = rec.get("latency", {})
+        torch_p50 = latency.get("pytorch-eager-cpu", {}).get("p50_ms")
+        for provider, lat in latency.items():
+            if provider.startswith("pytorch"):
+                continue
+            p50 = lat.get("p50_ms")
+            speedup = f"{torch_p50 / p50:.2f}×" if torch_p50 and p50 else DASH
+            rows.append(_cells(rec["component"], rec["variant"], provider, p50, lat.get("p90_ms"), lat.get("p99_ms"), lat.get("runs"), speedup))
+    seen: set[str] = set()
+    for rec in parity.get("records", []):
+        lat = rec.get("latency", {}).get("pytorch-eager-cpu")
+        if lat and rec["component"] not in seen:
+            seen.add(rec["component"])
+            times = (lat.get("p50_ms"), lat.get("p90_ms"), lat.get("p99_ms"), lat.get("runs"))
+            rows.append(_cells(rec["component"], "PyTorch FP32", "pytorch-eager-cpu", *times, "1.00×"))
+    header = ("component", "variant", "provider", "p50 ms", "p90 ms", "p99 ms", "runs", "× PyTorch")
+    return Table("Latency (batch 1)", header, tuple(rows), note="× PyTorch = PyTorch FP32 eager p50 / variant p50, same run.")
+
+
+def size_table(manifest: dict[str, Any]) -> Table:
+    """Per variant: file size, the saving against FP32, recipe and intended providers."""
+    rows = []
+    for name, comp in manifest.get("components", {}).items():
+        variants = comp.get("variants", {})
+        fp32 = variants.get("fp32", {}).get("bytes")
+        for key, v in variants.items():
+            size = v.get("bytes")
+            ratio = f"{fp32 / size:.2f}× smaller" if fp32 and size and key != "fp32" else DASH
+            mb = f"{size / 1e6:.1f}" if size else DASH
+            rows.append(_cells(name, key, v.get("recipe", DASH), ", ".join(v.get("providers", [])), mb, ratio, v.get("onnx", DASH)))
+    header = ("component", "variant", "recipe", "for providers", "MB", "vs FP32", "file")
+    return Table("Variants and sizes", header, tuple(rows))
+
+
+_LOWER_IS_BETTER = frozenset({"max_abs", "mean_abs", "rel_l2"})
+_NOT_SHOWN = frozenset({"scale", "finite"})
+
+
+def _before_after(name: str, before: Any, after: Any, higher_is_better: bool | None, digits: int = 4) -> tuple[Cell, ...]:
+    change = DASH
+    status = Status.PLAIN
+    if isinstance(before, (int, float)) and isinstance(after, (int, float)):
+        change = f"{after - before:+.4g}"
+        if higher_is_better is not None and after != before:
+            status = Status.PASS if (after > before) == higher_is_better else Status.FAIL
+    return (Cell(name), Cell(fmt(before, digits)), Cell(fmt(after, digits)), Cell(change, status))
+
+
+def guard_tables(parity: dict[str, Any]) -> list[Table]:
+    """The INT8 guard's decisions per component: parity, size and latency before/after,
+    the attempts it made and the nodes it kept in float."""
+    tables = []
+    for comp, g in (parity.get("int8_guard") or {}).items():
+        before, after = g.get("before", {}), g.get("after", {})
+        keys = [k for k in sorted(set(before) | set(after)) if k not in _NOT_SHOWN]
+        rows = [_before_after(k, before.get(k), after.get(k), k not in _LOWER_IS_BETTER, 6 if k.startswith("cos") else 4) for k in keys]
+        sizes, lat = g.get("size_bytes", {}), g.get("latency_ms", {})
+        if sizes:
+            rows.append(_before_after("size MB", _mb(sizes.get("before")), _mb(sizes.get("after")), None))
+        if lat:
+            rows.append(_before_after("latency p50 ms", lat.get("before"), lat.get("after"), None))
+        kept = tuple(g.get("kept_float", []))
+        note = f"{len(kept)} node(s) kept in float." if kept else "No node needed to stay in float."
+        tables.append(Table(f"INT8 guard: {comp}", ("", "before", "after", "change"), tuple(rows), note, kept))
+        attempts = [
+            _cells(i + 1, a.get("excluded"), Cell(fmt(a.get("cosine_min"), 6)), Cell(fmt(a.get("cosine_mean"), 6)), verdict_cell(a.get("passed")))
+            for i, a in enumerate(g.get("attempts", []))
+        ]
+        if attempts:
+            tables.append(Table(f"INT8 guard attempts: {comp}", ("attempt", "nodes excluded", "cos min", "cos mean", "parity"), tuple(attempts)))
+        ranking = _ranking_table(comp, g.get("ranking") or [], set(kept))
+        if ranking is not None:
+            tables.append(ranking)
+    return tables
+
+
+def _ranking_table(comp: str, ranking: list[dict[str, Any]], kept: set[str], top: int = 10) -> Table | None:
+    """The guard's per-node sensitivity (optional `ranking`: node, op, cosine_gain), most sensitive first."""
+    if not ranking:
+        return None
+    rows = tuple(
+        _cells(i + 1, r.get("node"), r.get("op"), r.get("cosine_gain"), Cell("float", Status.PASS) if r.get("node") in kept else "int8")
+        for i, r in enumerate(ranking[:top])
+    )
+    note = f"Top {len(rows)} of {len(ranking)} nodes: cosine gained when that node alone stays in float."
+    return Table(f"INT8 guard sensitivity: {comp}", ("rank", "node", "op", "cos gain", "kept as"), rows, note)
+
+
+def _mb(n: Any) -> float | None:
+    return round(n / 1e6, 2) if isinstance(n, (int, float)) else None
+
+
+def calibration_tables(parity: dict[str, Any]) -> list[Table]:
+    """Calibration methods compared on the same samples, the chosen one marked."""
+    tables = []
+    for comp, c in (parity.get("calibration_methods") or {}).items():
+        chosen = c.get("chosen")
+        rows = [
+            (Cell(method, Status.PASS if method == chosen else Status.PLAIN),)
+            + _cells(Cell(fmt(r.get("cosine_min"), 6)), Cell(fmt(r.get("cosine_mean"), 6)), r.get("seconds"), "chosen" if method == chosen else "")
+            for method, r in c.get("results", {}).items()
+        ]
+        note = f"Compared on the same {c['samples']} held-out samples." if c.get("samples") else ""
+        tables.append(Table(f"Calibration methods: {comp}", ("method", "cos min", "cos mean", "seconds", ""), tuple(rows), note))
+    return tables
+
+
+def bench_sets(bench: dict[str, Any] | None) -> list[tuple[str, list[dict[str, Any]]]]:
+    """[(provider, result rows)] from bench.json, in either shape it is written in:
+    `{"providers": {name: {"results": [...]}}}` (`vlm-export bench`, one entry per
+    provider) or the flat `{"provider": name, "results": [...]}`."""
+    if not bench:
+        return []
+    if isinstance(bench.get("providers"), dict):
+        sets = [(str(name), entry.get("results") or []) for name, entry in bench["providers"].items() if isinstance(entry, dict)]
+    else:
+        sets = [(str(bench.get("provider", "?")), bench.get("results") or [])]
+    return [(name, [r for r in rows if isinstance(r, dict)]) for name, rows in sets if isinstance(rows, list) and rows]
+
+
+def bench_tables(bench: dict[str, Any] | None) -> list[Table]:
+    """bench.json (latency vs batch) as one table per provider; empty when not benchmarked.
+
+    The component column appears only when the results name components."""
+    tables = []
+    for provider, results in bench_sets(bench):
+        named = any(r.get("component") for r in results)
+        rows = [
+            _cells(*([r.get("component", DASH)] if named else []), r.get("variant"), r.get("batch"), r.get("p50_ms"),
+                   r.get("p90_ms"), r.get("p99_ms"), r.get("throughput_per_s"))
+            for r in results
+        ]
+        header = (*(("component",) if named else ()), "variant", "batch", "p50 ms", "p90 ms", "p99 ms", "items/s")
+        tables.append(Table(f"Latency vs batch ({provider} provider)", header, tuple(rows)))
+    return tables
+
+
+def all_tables(manifest: dict[str, Any], parity: dict[str, Any], bench: dict[str, Any] | None = None) -> list[Table]:
+    """Every table of the report in reading order (the ones with data only)."""
+    tables: Iterable[Table | None] = [
+        parity_table(parity), *guard_tables(parity), *calibration_tables(parity),
+        latency_table(parity), *bench_tables(bench), size_table(manifest),
+    ]
+    return [t for t in tables if t is not None and t.rows]
