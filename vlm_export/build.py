@@ -146,7 +146,7 @@ def _build_variants(
     if "fp16" in opts.precisions:
         with reporter.task(f"[{spec.name}] FP16 (norms kept FP32)"):
             paths["fp16"] = to_fp16(paths["fp32"], writer.path(f"{base}.fp16.onnx"))
-    if "int8" in opts.precisions and calib is not None:
+    if "int8" in opts.precisions and calib is not None and spec.int8:
         feed = {t.name: calib.samples[t.name] for t in spec.inputs}
         reader = FeedReader(batched_feeds(feed, 8))
         config = Int8Config(method=opts.calibration_method)
@@ -229,7 +229,9 @@ def _parity(
     return records
 
 
-def _component_manifest(spec: ComponentSpec, paths: dict[str, Path], writer: BundleWriter, records: list[ParityRecord]) -> dict[str, Any]:
+def _component_manifest(
+    spec: ComponentSpec, paths: dict[str, Path], writer: BundleWriter, records: list[ParityRecord], precisions: tuple[str, ...]
+) -> dict[str, Any]:
     passed = {r.variant: r.passed for r in records}
     variants = {}
     for key, path in paths.items():
@@ -245,7 +247,10 @@ def _component_manifest(spec: ComponentSpec, paths: dict[str, Path], writer: Bun
             "parity_passed": passed.get(key),
             "engines": {},
         }
+    skipped = [key for key, (precision, _, _) in VARIANTS.items() if precision == "int8" and key not in paths]
+    fallback = {"fp32_fallback": skipped} if not spec.int8 and "int8" in precisions else {}
     return {
+        **fallback,
         "inputs": [t.to_json() for t in spec.inputs],
         "outputs": [t.to_json() for t in spec.outputs],
         "parity_output": spec.parity_output,
@@ -257,7 +262,7 @@ def _component_manifest(spec: ComponentSpec, paths: dict[str, Path], writer: Bun
 
 def build(opts: BuildOptions, reporter: Reporter | None = None) -> BuildResult:
     """Run every stage and commit the bundle to `opts.out`; parity verdicts in the result."""
-    from vlm_export.report.markdown import write_report
+    from vlm_export.report import write_reports
 
     reporter = reporter or SilentReporter()
     family = detect(opts.model_dir)
@@ -273,7 +278,7 @@ def build(opts: BuildOptions, reporter: Reporter | None = None) -> BuildResult:
             paths = all_paths[spec.name] = _build_variants(spec, writer, opts, calib, reporter, result.guard, result.methods)
             records = _parity(spec, paths, parity_feed, opts, reporter)
             result.records.extend(records)
-            components[spec.name] = _component_manifest(spec, paths, writer, records)
+            components[spec.name] = _component_manifest(spec, paths, writer, records, opts.precisions)
         end_to_end = _end_to_end(family, loaded, all_paths, [img for _, img in parity_images], reporter)
         result.end_to_end = end_to_end
         parity = {
@@ -295,7 +300,7 @@ def build(opts: BuildOptions, reporter: Reporter | None = None) -> BuildResult:
             "parity": {"passed": not result.failed_names, "failed": result.failed_names, "file": "parity.json"},
             "build": {"precisions": list(opts.precisions), "calibration_method": opts.calibration_method.value, "calibration_size": opts.calibration_size, "seed": opts.seed, "int8_guard": opts.int8_guard},
         }
-        write_report(writer.path("report.md"), manifest, parity)
+        write_reports(writer.staging, manifest, parity)
         writer.commit(manifest)
     return result
 

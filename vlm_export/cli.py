@@ -1,4 +1,4 @@
-"""The `vlm-export` command line: build, run, inspect.
+"""The `vlm-export` command line: build, run, inspect, bench, engine, compare.
 
 Errors a user can fix print one line and exit 2; a parity failure exits 1 unless
 `--allow-drift`; Ctrl-C exits 130 and leaves only `OUT.partial-*`, which the next build
@@ -175,15 +175,21 @@ def run(
     precision: str = typer.Option("fp32", help="fp32, fp16, int8 or an exact variant key such as int8-cpu."),
     provider: str = typer.Option("cpu", help="cpu, cuda or tensorrt-ep."),
     variant: Optional[str] = typer.Option(None, help="An exact variant (e.g. int8 = the TensorRT QDQ graph); overrides --precision."),
-    top_k: int = typer.Option(5, help="Labels to print for a classifier."),
+    top_k: int = typer.Option(5, help="Labels to print for a classifier or a zero-shot run."),
+    labels: Optional[str] = typer.Option(None, help='Zero-shot labels for a CLIP bundle, comma-separated: "cat,dog,car".'),
 ) -> None:
-    """Run a bundle on images: top-k labels for a classifier, an embedding summary for a backbone."""
+    """Run a bundle on images: top-k labels for a classifier (or, with --labels, zero-shot), an embedding summary otherwise."""
     from vlm_export.runtime import load
 
     model = load(bundle, precision=precision, provider=provider, variant=variant)
+    if labels is not None and not hasattr(model, "zero_shot"):
+        raise InputError(f"--labels needs a CLIP bundle; '{bundle}' is a {model.manifest.family} bundle")
     names = [o["name"] for o in model.component["outputs"]]
     for path in images:
-        if "logits" in names:
+        if labels is not None:
+            ranked = model.zero_shot(path, labels)[: max(1, top_k)]
+            typer.echo(f"{path}: " + ", ".join(f"{label} {p:.3f}" for label, p in ranked))
+        elif "logits" in names:
             ranked = model.classify(path, top_k=top_k)
             typer.echo(f"{path}: " + ", ".join(f"{label} {p:.3f}" for label, p in ranked))
         else:
@@ -223,8 +229,11 @@ def inspect(bundle: Path = typer.Argument(..., help="A bundle folder made by `vl
 
 from vlm_export.engines.cli_engine import bench, engine  # noqa: E402 - TensorRT imported only when building
 
+from vlm_export.report.cli_compare import compare  # noqa: E402 - reads JSON only (rich, typer)
+
 app.command()(engine)
 app.command()(bench)
+app.command()(compare)
 
 
 def main() -> None:  # pragma: no cover - console entry
