@@ -81,6 +81,10 @@ class ComponentSpec:
     # Entered around the export only: patches that make the traced graph what we want
     # (optimum's `patch_model_for_export`), e.g. dropping an all-zero attention mask.
     patcher: Callable[[], AbstractContextManager[Any]] = nullcontext
+    # False: no INT8 variants for this component (e.g. a decoder whose greedy output INT8
+    # is not shown to keep); the manifest lists them under "fp32_fallback" and the runtime
+    # runs FP32 for this component when INT8 is asked.
+    int8: bool = True
 
 
 @dataclass(frozen=True)
@@ -115,12 +119,18 @@ class Family(Protocol):
         """The graphs to export, declared as data."""
         ...
 
-    def sample_inputs(self, loaded: LoadedModel, images: Sequence[Any]) -> dict[str, "np.ndarray"]:
+    def sample_inputs(
+        self, loaded: LoadedModel, images: Sequence[Any]
+    ) -> dict[str, "np.ndarray | list[np.ndarray]"]:
         """Inputs of every component for a list of PIL images, keyed by input name.
 
         Built with the model's own processor (and tokenizer, with prompts the family
         chooses); each component takes the arrays named by its inputs, whose first axis
         is that component's sample axis. Used for calibration, the INT8 guard and parity.
+        Ragged samples (each with its own length on a dynamic axis, e.g. Qwen2-VL's
+        patches) come as a list of per-sample arrays instead: they run one feed per
+        sample (`quantize.reader.is_ragged`), and parity compares the outputs
+        zero-padded to one shape and stacked (`verify.metrics.pad_stack`).
         """
         ...
 

@@ -108,6 +108,10 @@ def to_int8_qdq(
                 # into the bias Add, as TensorRT fuses them (ModelOpt's layout too).
                 "OpTypesToExcludeOutputQuantization": list(config.op_types),
                 **_method_options(config),
+                # ORT's histogram calibrators stack every run's activations into one
+                # array; runs of different shapes (ragged samples, a short last batch)
+                # must then be collected one run at a time (ranges merge across runs).
+                **({"CalibStridedMinMax": 1} if reader.shapes_vary() else {}),
             },
             calibration_cache_path=str(cache_path) if cache_path else None,
         )

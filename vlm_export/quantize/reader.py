@@ -40,6 +40,10 @@ class FeedReader:
     def __len__(self) -> int:
         return len(self._feeds)
 
+    def shapes_vary(self) -> bool:
+        """True when some input has another shape in another feed."""
+        return any(len({f[name].shape for f in self._feeds}) > 1 for name in (self._feeds[0] if self._feeds else {}))
+
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self._iter, None)
 

@@ -129,7 +129,12 @@ class VisionModel(BundleModel):
         return results[0] if single else results
 
 
-def _pick(variants: dict[str, Variant], precision: str, provider: Provider, exact: str | None) -> Variant:
+def _pick(
+    variants: dict[str, Variant], precision: str, provider: Provider, exact: str | None, fp32_fallback: Sequence[str] = ()
+) -> Variant:
+    """`fp32_fallback`: variant keys the build skipped for this component (manifest), run as FP32."""
+    if (exact or precision) in fp32_fallback and (exact or precision) not in variants:
+        return choose_variant(variants, "fp32", provider)
     if exact is None:
         return choose_variant(variants, precision, provider)
     if exact not in variants:
@@ -207,7 +212,7 @@ def load(
     for name in names:
         if name not in manifest.components:
             raise InputError(f"unknown component '{name}'; the bundle has {', '.join(manifest.components)}")
-        chosen = _pick(manifest.variants(name), precision, prov, variant)
+        chosen = _pick(manifest.variants(name), precision, prov, variant, manifest.components[name].get("fp32_fallback", ()))
         verify_file(chosen)
         check_external_data(chosen)
         if chosen.parity_passed is False:

@@ -11,6 +11,19 @@ import numpy as np
 from vlm_export.families.base import ParityKind
 
 
+def pad_stack(arrays: list[np.ndarray]) -> np.ndarray:
+    """Stack per-sample outputs of different shapes, zero-padded to the largest.
+
+    Why zeros: padding changes neither a sample's cosine, nor max_abs, nor rel_l2 (only
+    mean_abs, which then averages over the padded array too).
+    """
+    shape = tuple(max(sizes) for sizes in zip(*(a.shape for a in arrays)))
+    out = np.zeros((len(arrays), *shape), dtype=arrays[0].dtype)
+    for i, a in enumerate(arrays):
+        out[(i, *(slice(0, n) for n in a.shape))] = a
+    return out
+
+
 def _per_sample(x: np.ndarray) -> np.ndarray:
     return x.reshape(x.shape[0], -1).astype(np.float64)
 
