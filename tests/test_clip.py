@@ -1,0 +1,259 @@
+"""CLIP through the CLI and the runtime: two towers, zero-shot parity, the bundle's tokenizer.
+
+The tiny checkpoint is a real `CLIPModel` (2 layers per tower) with a real `CLIPTokenizer`
+(byte-level BPE over the full byte alphabet plus a few merged words), saved with
+save_pretrained. Random weights: parity values, never accuracy claims. Each tower carries
+one massive activation channel, as trained CLIP does, so that the INT8 guard has the
+reported CLIP collapse to repair in the same build.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from vlm_export.cli import app
+
+runner = CliRunner()
+MAX_POSITIONS = 48  # room for the byte-level tokens of punctuation and non-ASCII text
+WORDS = ("a", "photo", "of", "the", "cat", "dog", "car", "rocket")
+TEXTS = [
+    "a photo of a cat",
+    "Hello, world!!! (a test) - 'quotes' & co.",
+    "Ünïcödé: ça va? 日本",
+    "the dog " * 40,  # far over the 48 positions: truncated with a warning
+    "",
+]
+
+
+def _tiny_tokenizer():
+    """A CLIPTokenizer whose vocabulary is the byte alphabet (each also as a word end),
+    a few whole words built by merges, and the two special tokens last, as in CLIP."""
+    from tokenizers import pre_tokenizers
+    from transformers import CLIPTokenizer
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {c: i for i, c in enumerate(alphabet)}
+    vocab.update({c + "</w>": len(alphabet) + i for i, c in enumerate(alphabet)})
+    merges = []
+    for word in WORDS:
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        current = parts[0]
+        for part in parts[1:]:
+            merges.append((current, part))
+            current += part
+            vocab.setdefault(current, len(vocab))
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_POSITIONS)
+
+
+def _save_tiny_clip(folder: Path) -> Path:
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
+
+    torch.manual_seed(0)
+    tokenizer = _tiny_tokenizer()
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=MAX_POSITIONS, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=24,
+        logit_scale_init_value=4.6052,  # exp = 100, as trained CLIP
+    )
+    model = CLIPModel(config)
+    _add_outlier_channels(model)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+def _add_outlier_channels(model) -> None:
+    """One fc2-input channel of ~400 on every token in each tower, carrying an O(0.5)
+    signal: the massive activations of trained CLIP, which per-tensor INT8 of that
+    MatMul's input cannot hold together with the other channels."""
+    import torch
+
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for tower in (model.vision_model, model.text_model):
+            mlp = tower.encoder.layers[1].mlp
+            mlp.fc1.weight[0] = 0.0
+            mlp.fc1.bias[0] = 400.0
+            mlp.fc2.weight[:, 0] = torch.randn(mlp.fc2.weight.shape[0], generator=generator) * 0.5 / 400.0
+
+
+def _build(model_dir: Path, out: Path, photos: Path, *extra: str):
+    args = ["build", str(model_dir), "-o", str(out), "--calibration", str(photos), "--parity-images", str(photos),
+            "--calibration-size", "24", "--latency-runs", "3", *extra]
+    return runner.invoke(app, args)
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _save_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
+
+
+@pytest.fixture(scope="module")
+def clip_bundle(tiny_clip_dir: Path, photo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("bundles") / "clip"
+    result = _build(tiny_clip_dir, out, photo_dir)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def _records(bundle: Path) -> tuple[dict, dict]:
+    parity = json.loads((bundle / "parity.json").read_text())
+    towers = {(r["component"], r["variant"]): r for r in parity["records"]}
+    zero_shot = {e["variant"]: e for e in parity["end_to_end"] if e["name"] == "zero_shot"}
+    return towers, zero_shot
+
+
+def test_bundle_has_two_towers_and_the_tokenizer(clip_bundle: Path) -> None:
+    from vlm_export.runtime.manifest import sha256_file
+
+    manifest = json.loads((clip_bundle / "manifest.json").read_text())
+    assert manifest["family"] == "clip"
+    vision, text = manifest["components"]["vision"], manifest["components"]["text"]
+    assert [o["name"] for o in vision["outputs"]] == ["image_embeds", "pooler_output"]
+    assert vision["outputs"][0]["shape"] == ["batch", 24]
+    assert [(i["name"], i["dtype"], i["shape"]) for i in text["inputs"]] == [
+        ("input_ids", "int64", ["batch", "sequence"]), ("attention_mask", "int64", ["batch", "sequence"])]
+    for component in (vision, text):
+        assert set(component["variants"]) == {"fp32", "fp16", "int8", "int8-cpu"}
+    assert sha256_file(clip_bundle / "tokenizer.json") == manifest["files"]["tokenizer.json"]["sha256"]
+    tok = manifest["tokenizer"]
+    assert (tok["max_length"], tok["pad_to"]) == (MAX_POSITIONS, "longest")
+    assert tok["eos_token_id"] == tok["pad_token_id"] == tok["bos_token_id"] + 1
+    assert manifest["clip"]["logit_scale"] == pytest.approx(100.0, rel=1e-4)
+    assert manifest["clip"]["prompt_template"] == "a photo of a {label}"
+    assert len(manifest["clip"]["zero_shot_labels"]) == 20
+
+
+def test_parity_per_tower_and_zero_shot(clip_bundle: Path) -> None:
+    towers, zero_shot = _records(clip_bundle)
+    assert towers[("vision", "fp32")]["samples"] == 6 and towers[("text", "fp32")]["samples"] == 20
+    for name in ("vision", "text"):
+        assert towers[(name, "fp32")]["metrics"]["max_abs"] < 1e-4
+        assert towers[(name, "fp16")]["metrics"]["cosine_min"] > 0.9999
+        for key in ("int8", "int8-cpu"):
+            assert towers[(name, key)]["metrics"]["cosine_min"] > 0.995, (name, key)
+        assert all(towers[(name, key)]["passed"] for key in ("fp32", "fp16", "int8", "int8-cpu"))
+    assert set(zero_shot) == {"fp32", "fp16", "int8", "int8-cpu"}
+    for key in ("fp32", "fp16"):
+        assert zero_shot[key]["metrics"]["zeroshot_agreement"] == 1.0
+    assert zero_shot["fp32"]["metrics"]["logits_max_abs"] < 1e-3  # logits at scale 100
+    for key, record in zero_shot.items():
+        assert record["passed"], (key, record["failures"])
+        assert record["metrics"]["zeroshot_agreement_ties_ok"] == 1.0
+        assert record["metrics"]["logits_max_abs"] <= record["tolerance"]["logits_max_abs"]
+        assert record["samples"] == 6 and record["labels"] == 20
+
+
+def test_runtime_equals_pytorch(clip_bundle: Path, tiny_clip_dir: Path, photo_dir: Path) -> None:
+    import torch
+    from PIL import Image
+    from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+
+    from vlm_export.runtime import load
+
+    model = CLIPModel.from_pretrained(tiny_clip_dir, attn_implementation="eager").eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_clip_dir)
+    processor = AutoImageProcessor.from_pretrained(tiny_clip_dir, backend="pil")
+    labels = ["cat", "dog", "car", "rocket"]
+    prompts = [f"a photo of a {label}" for label in labels]
+    image = Image.open(photo_dir / "rocket.jpg").convert("RGB")
+    inputs = {**processor(images=[image], return_tensors="pt"), **tokenizer(prompts, padding=True, return_tensors="pt")}
+    with torch.no_grad():
+        out = model(**inputs)
+        image_embeds = model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output[0].numpy()
+        text_embeds = model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).pooler_output.numpy()
+    bundle = load(clip_bundle, precision="fp32")
+    assert np.abs(bundle.encode_image(photo_dir / "rocket.jpg") - image_embeds).max() < 1e-4  # projected, not normalised
+    assert np.abs(bundle.encode_text(prompts) - text_embeds).max() < 1e-4
+    ranked = bundle.zero_shot(photo_dir / "rocket.jpg", labels)
+    expected = out.logits_per_image.softmax(-1)[0].numpy()
+    assert [label for label, _ in ranked] == [labels[i] for i in np.argsort(-expected, kind="stable")]
+    assert dict(ranked) == pytest.approx(dict(zip(labels, expected.tolist())), abs=1e-5)
+    int8 = load(clip_bundle, precision="int8")
+    assert int8.precision == "int8-cpu"
+    assert sum(p for _, p in int8.zero_shot(photo_dir / "rocket.jpg", "cat, dog,car")) == pytest.approx(1.0)
+
+
+def test_runtime_token_ids_equal_the_model_tokenizer(clip_bundle: Path, tiny_clip_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from transformers import AutoTokenizer
+
+    from vlm_export.runtime import load
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_clip_dir)
+    expected = tokenizer(TEXTS, padding=True, truncation=True, max_length=MAX_POSITIONS, return_tensors="np")
+    bundle = load(clip_bundle, precision="fp32", components=["text"])
+    with caplog.at_level(logging.WARNING, logger="vlm_export.runtime.tokenizer"):
+        got = bundle.tokenizer.encode(TEXTS)
+    assert got["input_ids"].dtype == np.int64 and got["input_ids"].shape == (len(TEXTS), MAX_POSITIONS)
+    np.testing.assert_array_equal(got["input_ids"], expected["input_ids"])
+    np.testing.assert_array_equal(got["attention_mask"], expected["attention_mask"])
+    assert got["input_ids"][3, -1] == tokenizer.eos_token_id  # the cut keeps the end-of-text token
+    assert "1 text(s) longer than the model's 48 tokens were truncated" in caplog.text and "the dog" in caplog.text
+    short = TEXTS[:3]
+    np.testing.assert_array_equal(bundle.tokenizer.encode(short)["input_ids"], tokenizer(short, padding=True, return_tensors="np")["input_ids"])
+    assert bundle.encode_text(TEXTS).shape == (len(TEXTS), 24)  # over-long text: a warning, never a crash
+
+
+def test_cli_zero_shot_labels(clip_bundle: Path, photo_dir: Path) -> None:
+    result = runner.invoke(app, ["run", str(clip_bundle), str(photo_dir / "chelsea.png"), "--labels", "cat, dog,car", "--precision", "int8"])
+    assert result.exit_code == 0, result.output
+    line = next(l for l in result.output.splitlines() if l.startswith(str(photo_dir / "chelsea.png")))
+    pairs = [p.rsplit(" ", 1) for p in line.split(": ", 1)[1].split(", ")]
+    assert sorted(label for label, _ in pairs) == ["car", "cat", "dog"]
+    assert sum(float(p) for _, p in pairs) == pytest.approx(1.0, abs=2e-3)
+    empty = runner.invoke(app, ["run", str(clip_bundle), str(photo_dir / "chelsea.png"), "--labels", " , "])
+    assert empty.exit_code == 2 and "no labels given (--labels)" in empty.output
+
+
+def test_runtime_needs_neither_torch_nor_transformers(clip_bundle: Path, photo_dir: Path) -> None:
+    code = f"""
+import sys
+for name in ("torch", "transformers", "optimum", "onnxscript"):
+    sys.modules[name] = None
+from vlm_export.runtime import load
+m = load({str(clip_bundle)!r}, precision="int8")
+ranked = m.zero_shot({str(photo_dir / 'coffee.png')!r}, ["cat", "coffee cup", "rocket"])
+print("ok", type(m).__name__, len(ranked), m.encode_text(["a photo of a cat", "ça"]).shape)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("ok ClipModel 3 (2, 24)")
+
+
+def test_missing_tokenizer_files_are_named(tiny_clip_dir: Path, photo_dir: Path, tmp_path: Path) -> None:
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_clip_dir, model_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (model_dir / name).unlink()
+    result = _build(model_dir, tmp_path / "out", photo_dir)
+    assert result.exit_code == 2, result.output
+    assert "no tokenizer files in" in result.output and "tokenizer.json or vocab.json + merges.txt" in result.output
+    assert "Traceback" not in result.output and not list(tmp_path.glob("out*"))
+
+
+def test_int8_guard_holds_clip_with_outlier_channels(clip_bundle: Path) -> None:
+    """Per-tensor INT8 of an MLP input with one ~400 channel flattens the others (the
+    reported CLIP collapse); keeping that one MatMul float holds parity."""
+    guard = json.loads((clip_bundle / "parity.json").read_text())["int8_guard"]
+    for tower, collapsed in (("vision", 0.99), ("text", 0.9)):
+        for key in ("int8", "int8-cpu"):
+            decision = guard[tower][key]
+            assert decision["before"]["cosine_min"] < collapsed, (tower, key)  # as calibrated
+            assert decision["after"]["cosine_min"] > 0.99 and len(decision["kept_float"]) == 1, (tower, key)

@@ -1,0 +1,338 @@
+"""CLIP family: `CLIPModel` checkpoints as two graphs, `vision` and `text`.
+
+Why two graphs and the similarity outside them: users embed a photo collection once
+and label sets many times (or the reverse), so each tower must run alone. The vision
+graph returns the projected `image_embeds` (not normalised, as `get_image_features`
+gives them) plus the unprojected CLS `pooler_output`; the text graph returns
+`text_embeds` for right-padded `input_ids` and `attention_mask` with a dynamic sequence
+axis. The zero-shot logits are the runtime's numpy function, checked here against
+PyTorch's `logits_per_image` for every variant (`end_to_end_parity`).
+
+SigLIP is not handled here: its tokenizer (`SiglipTokenizer`) is SentencePiece-only in
+transformers 5 and strips punctuation in Python before tokenizing, which a plain
+tokenizer.json cannot reproduce, and its text tower needs `max_length` padding and a
+sigmoid head. A later slice can add it with its own tokenizer recipe.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from vlm_export.errors import InputError, UnsupportedModelError
+from vlm_export.families.base import ComponentSpec, LoadedModel, ParityKind, TensorSpec
+from vlm_export.families.loading import load_pretrained, load_slow_image_processor, quiet_transformers, read_config
+
+PROMPT_TEMPLATE = "a photo of a {label}"
+
+# The zero-shot label set of the build (calibration of the text tower, parity, the
+# end-to-end check): common ImageNet-style classes, several of them in the package photos.
+ZERO_SHOT_LABELS: tuple[str, ...] = (
+    "cat", "dog", "car", "bird", "horse", "airplane", "ship", "truck", "rocket", "astronaut",
+    "coffee cup", "motorcycle", "galaxy", "flower", "person", "building", "tree", "bicycle", "teapot", "banana",
+)
+
+# A CLIP directory needs one of these file sets for its tokenizer.
+TOKENIZER_FILE_SETS: tuple[tuple[str, ...], ...] = (("tokenizer.json",), ("vocab.json", "merges.txt"))
+TOKENIZER_FILE = "tokenizer.json"
+
+
+@dataclass(frozen=True)
+class ZeroShotTolerance:
+    """Pass criteria of the zero-shot check, per precision.
+
+    `logits_max_abs` is in cosine units, multiplied by exp(logit_scale) (100 for trained
+    CLIP), so it reads like the per-tower cosine tolerances: fp32 1e-4, fp16 2e-3, int8
+    2e-2. `zeroshot_agreement` (reported) is the fraction of images whose top label equals
+    PyTorch's; the verdict reads `zeroshot_agreement_ties_ok`, which also counts an image
+    whose two labels PyTorch scores within the logits tolerance (a tie at this precision:
+    random tiny models have top-1 margins of 0.002 logits, trained CLIP rarely does).
+    """
+
+    agreement: float
+    logits_max_abs: float
+
+    def scaled(self, logit_scale: float) -> dict[str, float]:
+        return {"zeroshot_agreement": self.agreement, "logits_max_abs": self.logits_max_abs * logit_scale}
+
+
+ZERO_SHOT_TOLERANCES: dict[str, ZeroShotTolerance] = {
+    "fp32": ZeroShotTolerance(agreement=1.0, logits_max_abs=1e-4),
+    "fp16": ZeroShotTolerance(agreement=1.0, logits_max_abs=2e-3),
+    "int8": ZeroShotTolerance(agreement=0.98, logits_max_abs=2e-2),
+}
+
+
+class ClipFamily:
+    """CLIP dual encoders: `vision` and `text` components, zero-shot end-to-end parity."""
+
+    name = "clip"
+    model_types = ("clip",)
+
+    def load(self, model_dir: Path) -> LoadedModel:
+        from vlm_export.families.processor_config import preprocess_config_from_processor
+
+        config_json = read_config(model_dir)
+        _check_tokenizer_files(model_dir)
+        model = load_pretrained(model_dir, "CLIPModel")
+        processor = load_slow_image_processor(model_dir)
+        tokenizer = _load_tokenizer(model_dir)
+        max_length = _max_length(model, tokenizer)
+        workdir = tempfile.TemporaryDirectory(prefix="vlm-export-tok-")  # removed when `loaded` is
+        tokenizer_json = _write_tokenizer_json(tokenizer, Path(workdir.name))
+        tokenizer_section = {
+            "file": TOKENIZER_FILE,
+            "max_length": max_length,
+            "pad_token_id": int(tokenizer.pad_token_id),
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_to": "longest",
+            "class": type(tokenizer).__name__,
+        }
+        _check_runtime_tokenizer(tokenizer, tokenizer_json, tokenizer_section)
+        clip_section = {
+            "logit_scale": float(model.logit_scale.detach().exp()),
+            "logit_scale_log": float(model.logit_scale.detach()),
+            "logit_bias": None,
+            "projection_dim": int(model.config.projection_dim),
+            "prompt_template": PROMPT_TEMPLATE,
+            "zero_shot_labels": list(ZERO_SHOT_LABELS),
+        }
+        return LoadedModel(
+            family=self.name,
+            model=model,
+            model_dir=model_dir,
+            config=config_json,
+            preprocess=preprocess_config_from_processor(processor),
+            extra={"processor": processor, "tokenizer": tokenizer, "max_length": max_length, "workdir": workdir},
+            bundle_files={TOKENIZER_FILE: tokenizer_json},
+            manifest_extra={"tokenizer": tokenizer_section, "clip": clip_section},
+        )
+
+    def components(self, loaded: LoadedModel) -> list[ComponentSpec]:
+        return [_vision_spec(loaded), _text_spec(loaded)]
+
+    def sample_inputs(self, loaded: LoadedModel, images: Sequence[Any]) -> dict[str, np.ndarray]:
+        """Pixels of `images` and the tokens of "a photo of a {label}" over ZERO_SHOT_LABELS."""
+        pixel_values = loaded.extra["processor"](images=list(images), return_tensors="np")["pixel_values"]
+        return {"pixel_values": np.asarray(pixel_values, dtype=np.float32), **_prompt_tokens(loaded, ZERO_SHOT_LABELS)}
+
+    def end_to_end_parity(
+        self, loaded: LoadedModel, variants: Mapping[str, Mapping[str, Path]], images: Sequence[Any]
+    ) -> list[dict[str, Any]]:
+        """Zero-shot of every variant (parity images × label prompts) against `CLIPModel.forward`."""
+        import torch
+
+        from vlm_export.runtime.clip import zero_shot_logits
+        from vlm_export.runtime.session import create_session
+
+        feed = self.sample_inputs(loaded, images)
+        with torch.no_grad():
+            out = loaded.model(**{k: torch.from_numpy(v) for k, v in feed.items()})
+        reference = out.logits_per_image.double().numpy()
+        scale = float(loaded.manifest_extra["clip"]["logit_scale"])
+        records = []
+        for key in [k for k in variants.get("vision", {}) if k in variants.get("text", {})]:
+            vision = create_session(variants["vision"][key], "cpu")
+            text = create_session(variants["text"][key], "cpu")
+            image_embeds = vision.run(["image_embeds"], {"pixel_values": feed["pixel_values"]})[0]
+            text_embeds = text.run(["text_embeds"], {k: feed[k] for k in ("input_ids", "attention_mask")})[0]
+            logits = zero_shot_logits(image_embeds, text_embeds, scale)
+            records.append(_zero_shot_record(key, reference, logits, scale, len(ZERO_SHOT_LABELS)))
+        return records
+
+
+def _zero_shot_record(key: str, reference: np.ndarray, logits: np.ndarray, scale: float, labels: int) -> dict[str, Any]:
+    from vlm_export.runtime.clip import softmax
+
+    finite = bool(np.all(np.isfinite(logits)))
+    tolerance = ZERO_SHOT_TOLERANCES[key.split("-", 1)[0]].scaled(scale)  # "int8-cpu" → int8
+    chosen = logits.argmax(-1) if finite else np.zeros(len(reference), dtype=int)
+    same = reference.argmax(-1) == chosen
+    tie = reference.max(-1) - reference[np.arange(len(reference)), chosen] <= tolerance["logits_max_abs"]
+    metrics = {
+        "zeroshot_agreement": float(np.mean(same)) if finite else 0.0,
+        "zeroshot_agreement_ties_ok": float(np.mean(same | tie)) if finite else 0.0,
+        "logits_max_abs": float(np.max(np.abs(logits - reference))) if finite else float("inf"),
+        "probs_max_abs": float(np.max(np.abs(softmax(logits) - softmax(reference)))) if finite else float("inf"),
+        "top1_margin_min": float(np.min(np.diff(np.sort(reference, axis=-1)[:, -2:], axis=-1))),
+    }
+    failures = [] if finite else ["logits have NaN/Inf"]
+    if metrics["zeroshot_agreement_ties_ok"] < tolerance["zeroshot_agreement"]:
+        failures.append(f"zeroshot_agreement {metrics['zeroshot_agreement']:.3f} "
+                        f"(ties within the logits tolerance {metrics['zeroshot_agreement_ties_ok']:.3f}) < {tolerance['zeroshot_agreement']}")
+    if not metrics["logits_max_abs"] <= tolerance["logits_max_abs"]:
+        failures.append(f"logits_max_abs {metrics['logits_max_abs']:.3g} > {tolerance['logits_max_abs']:.3g}")
+    return {"name": "zero_shot", "variant": key, "metrics": metrics, "tolerance": tolerance, "passed": not failures,
+            "failures": failures, "samples": int(reference.shape[0]), "labels": labels}
+
+
+def _vision_spec(loaded: LoadedModel) -> ComponentSpec:
+    from vlm_export.families.vit import _crop_hw
+
+    cfg = loaded.model.config
+    size = _crop_hw(loaded.preprocess)
+    channels = int(getattr(cfg.vision_config, "num_channels", 3))
+
+    def example_inputs(batch: int) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng(batch)
+        return {"pixel_values": rng.standard_normal((batch, channels, *size), dtype=np.float32)}
+
+    return ComponentSpec(
+        name="vision",
+        module=_vision_wrapper(loaded.model),
+        inputs=(TensorSpec("pixel_values", "float32", ("batch", channels, *size)),),
+        outputs=(
+            TensorSpec("image_embeds", "float32", ("batch", int(cfg.projection_dim))),
+            TensorSpec("pooler_output", "float32", ("batch", int(cfg.vision_config.hidden_size))),
+        ),
+        example_inputs=example_inputs,
+        parity_output="image_embeds",
+        parity_kind=ParityKind.EMBEDDING,
+    )
+
+
+def _text_spec(loaded: LoadedModel) -> ComponentSpec:
+    cfg = loaded.model.config
+    tokenizer = loaded.extra["tokenizer"]
+    max_length = int(loaded.extra["max_length"])
+    vocab = int(cfg.text_config.vocab_size)
+    eos, bos, pad = tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id
+
+    def example_inputs(batch: int) -> dict[str, np.ndarray]:
+        """Right-padded rows of different lengths; the length itself depends on the batch,
+        so that the export check runs a second sequence length too."""
+        rng = np.random.default_rng(batch)
+        length = min(max_length, 4 + batch)
+        ids = rng.integers(0, vocab, size=(batch, length), dtype=np.int64)
+        ids[ids == eos] = 0
+        mask = np.ones((batch, length), dtype=np.int64)
+        for row in range(batch):
+            valid = length - min(row, length - 3)
+            ids[row, 0] = bos if bos is not None else ids[row, 0]
+            ids[row, valid - 1] = eos
+            ids[row, valid:] = pad
+            mask[row, valid:] = 0
+        return {"input_ids": ids, "attention_mask": mask}
+
+    return ComponentSpec(
+        name="text",
+        module=_text_wrapper(loaded.model),
+        inputs=(
+            TensorSpec("input_ids", "int64", ("batch", "sequence")),
+            TensorSpec("attention_mask", "int64", ("batch", "sequence")),
+        ),
+        outputs=(TensorSpec("text_embeds", "float32", ("batch", int(cfg.projection_dim))),),
+        example_inputs=example_inputs,
+        parity_output="text_embeds",
+        parity_kind=ParityKind.EMBEDDING,
+    )
+
+
+def _vision_wrapper(model: Any) -> Any:
+    """pixel_values → (image_embeds, pooler_output): `get_image_features` keeps only the
+    projected vector, so the tower and the projection are called as its parts."""
+    import torch
+
+    class ClipVisionWrapper(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.vision_model = model.vision_model
+            self.visual_projection = model.visual_projection
+
+        def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            pooled = self.vision_model(pixel_values=pixel_values).pooler_output
+            return self.visual_projection(pooled), pooled
+
+    return ClipVisionWrapper().eval()
+
+
+def _text_wrapper(model: Any) -> Any:
+    import torch
+
+    class ClipTextWrapper(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor]:
+            # The positions CLIP uses by default, as a plain arange: its own slice of a
+            # max-positions buffer exports as a Min(max, sequence) axis that onnxruntime's
+            # symbolic shape inference (the INT8 pre-pass) cannot merge with `sequence`.
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+            out = self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions)
+            return (out.pooler_output,)
+
+    return ClipTextWrapper().eval()
+
+
+def _prompt_tokens(loaded: LoadedModel, labels: Sequence[str]) -> dict[str, np.ndarray]:
+    """The model's own tokenizer on the label prompts, right-padded to the longest."""
+    tokenizer = loaded.extra["tokenizer"]
+    encoded = tokenizer([PROMPT_TEMPLATE.format(label=label) for label in labels], padding=True, truncation=True,
+                        max_length=int(loaded.extra["max_length"]), return_tensors="np")
+    return {k: np.asarray(encoded[k], dtype=np.int64) for k in ("input_ids", "attention_mask")}
+
+
+def _check_tokenizer_files(model_dir: Path) -> None:
+    if any(all((model_dir / name).is_file() for name in names) for names in TOKENIZER_FILE_SETS):
+        return
+    wanted = " or ".join(" + ".join(names) for names in TOKENIZER_FILE_SETS)
+    raise InputError(
+        f"no tokenizer files in '{model_dir}': a CLIP directory needs {wanted}; "
+        "save the model's tokenizer with tokenizer.save_pretrained(MODEL_DIR)"
+    )
+
+
+def _load_tokenizer(model_dir: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    quiet_transformers()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False)
+    except Exception as exc:  # noqa: BLE001 - a broken tokenizer file raises anything from the Rust side
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"cannot load the tokenizer from '{model_dir}': {first}; re-save it with save_pretrained()") from None
+    if getattr(tokenizer, "backend_tokenizer", None) is None:
+        raise UnsupportedModelError(
+            f"tokenizer {type(tokenizer).__name__} in '{model_dir}' has no `tokenizers` (fast) form; the runtime needs tokenizer.json"
+        )
+    if tokenizer.pad_token_id is None:
+        raise UnsupportedModelError(f"tokenizer {type(tokenizer).__name__} in '{model_dir}' has no pad token; set one and re-save it")
+    tokenizer.padding_side = "right"  # what the runtime does; CLIP pools the first end-of-text token
+    return tokenizer
+
+
+def _max_length(model: Any, tokenizer: Any) -> int:
+    """The text tower's max positions, or the tokenizer's own limit when lower."""
+    positions = int(model.config.text_config.max_position_embeddings)
+    own = getattr(tokenizer, "model_max_length", None)
+    return min(positions, int(own)) if isinstance(own, int) and own > 1 else positions
+
+
+def _write_tokenizer_json(tokenizer: Any, folder: Path) -> Path:
+    """The model's own fast tokenizer as tokenizer.json: what transformers runs, whatever
+    files (tokenizer.json or vocab.json + merges.txt) the directory held."""
+    tokenizer.save_pretrained(str(folder))
+    path = folder / TOKENIZER_FILE
+    if not path.is_file():
+        raise UnsupportedModelError(f"tokenizer {type(tokenizer).__name__} did not write {TOKENIZER_FILE}; the runtime needs it")
+    return path
+
+
+def _check_runtime_tokenizer(tokenizer: Any, path: Path, section: dict[str, Any]) -> None:
+    """The runtime's tokenizer gives the model's token ids on the build's prompts."""
+    from vlm_export.runtime.tokenizer import TextTokenizer, TokenizerConfig
+
+    prompts = [PROMPT_TEMPLATE.format(label=label) for label in ZERO_SHOT_LABELS]
+    runtime = TextTokenizer(path, TokenizerConfig.from_dict(section))
+    got = runtime.encode(prompts)
+    want = tokenizer(prompts, padding=True, truncation=True, max_length=section["max_length"], return_tensors="np")
+    if got["input_ids"].shape != want["input_ids"].shape or not np.array_equal(got["input_ids"], want["input_ids"]):
+        raise UnsupportedModelError(
+            f"tokenizer {type(tokenizer).__name__}: tokenizer.json does not reproduce its token ids; the runtime cannot tokenize for it"
+        )

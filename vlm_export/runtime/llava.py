@@ -1,0 +1,59 @@
+"""LLaVA bundles on the device: image → rows in the LLM's embedding space.
+
+The bundle holds the vision tower + projector only. `image_features(image)` returns the
+(tokens_per_image, llm_hidden) rows that replace the image token(s) in the prompt's
+input embeddings; the manifest's "llm" section (`self.llm`) gives the image token id,
+the hidden size and the token count for the LLM runtime that does the splicing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from vlm_export.errors import BundleError, InputError
+from vlm_export.runtime.model import BundleModel, ComponentRunner
+from vlm_export.runtime.session import Provider
+
+COMPONENT = "vision_projector"
+
+
+class LlavaModel(BundleModel):
+    """A LLaVA vision bundle: `image_features(image)` and the LLM facts in `llm`."""
+
+    def __init__(self, manifest: Any, runners: dict[str, ComponentRunner], provider: Provider) -> None:
+        from vlm_export.runtime.preprocess import ImagePreprocessConfig, ImagePreprocessor
+
+        super().__init__(manifest, runners, provider)
+        llm = manifest.data.get("llm")
+        missing = [k for k in ("hidden_size", "image_token_id", "tokens_per_image") if not isinstance(llm, dict) or k not in llm]
+        if missing:
+            raise BundleError(f"'{manifest.root / 'manifest.json'}' lacks llm.{', llm.'.join(missing)}; rebuild the bundle")
+        self.llm: dict[str, Any] = dict(llm)
+        self.preprocessor = ImagePreprocessor(ImagePreprocessConfig.from_dict(manifest.preprocess))
+        self.component = manifest.components[COMPONENT]  # what `vlm-export run` prints
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.llm["image_token_id"])
+
+    @property
+    def tokens_per_image(self) -> int:
+        return int(self.llm["tokens_per_image"])
+
+    @property
+    def llm_hidden_size(self) -> int:
+        return int(self.llm["hidden_size"])
+
+    def image_features(self, images: Any) -> np.ndarray:
+        """(tokens_per_image, llm_hidden) float32 for one image; (n, tokens, hidden) for a list."""
+        single = not isinstance(images, (list, tuple))
+        batch = [images] if single else list(images)
+        if not batch:
+            raise InputError("no images given; pass an image path, PIL image or a non-empty list")
+        pixel_values = self.preprocessor(batch)
+        features = self.run({self.preprocessor.config.input_name: pixel_values}, COMPONENT)["image_features"]
+        return features[0] if single else features
+
+    embed = image_features
