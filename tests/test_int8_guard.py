@@ -30,6 +30,10 @@ def test_guard_repairs_outlier_model(outlier_vit_dir: Path, photo_dir: Path, tmp
         assert decision["before"]["cosine_min"] < 0.99 <= decision["after"]["cosine_min"]
         assert decision["ranking"][0]["node"] in decision["kept_float"]
     assert {r["variant"]: r for r in parity["records"]}["int8-cpu"]["passed"]
+    report = (tmp_path / "guarded" / "report.md").read_text()
+    for key in ("int8", "int8-cpu"):  # the report lists each variant's decision and the nodes kept float
+        assert f"INT8 guard: vision/{key}" in report
+        assert parity["int8_guard"]["vision"][key]["kept_float"][0] in report
 
 
 def test_guard_leaves_a_passing_model_alone(vit_bundle: Path) -> None:

@@ -262,3 +262,18 @@ def test_reports_from_a_real_bench_run(vit_bundle: Path, tmp_path: Path) -> None
     markdown = (bundle / "report.md").read_text(encoding="utf-8")
     assert "## Latency vs batch (cpu provider)" in markdown and "| vision | int8-cpu | 4 |" in markdown
     assert "Latency vs batch (cpu provider)" in (bundle / "report.html").read_text(encoding="utf-8")
+
+
+def test_end_to_end_records_render_in_both_reports() -> None:
+    from vlm_export.report.html import render_html
+    from vlm_export.report.markdown import extra_sections
+
+    record = {"name": "zero_shot", "variant": "int8", "metrics": {"zeroshot_agreement": 0.5, "logits_max_abs": 19.7},
+              "tolerance": {"logits_max_abs": 2.0}, "passed": False, "failures": ["logits_max_abs 19.7 > 2"]}
+    parity = {"records": [], "samples": [], "end_to_end": [record]}
+    markdown = extra_sections(parity)
+    assert "End-to-end parity" in markdown and "zero_shot" in markdown and "logits_max_abs 19.7 > 2" in markdown
+    manifest = {"family": "clip", "source": {"path": "/m", "config_sha256": "0" * 64, "model_type": "clip"},
+                "components": {}, "parity": {"passed": False, "failed": ["zero_shot/int8"]}}
+    html = render_html(manifest, parity)
+    assert "zeroshot_agreement 0.500000" in html and "FAIL" in html

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
-from vlm_export.report.tables import Status, Table, bench_tables, calibration_tables, guard_tables
+from vlm_export.report.tables import Status, Table, bench_tables, calibration_tables, end_to_end_table, guard_tables
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -78,7 +78,7 @@ def extra_sections(parity: dict[str, Any], bench: dict[str, Any] | None = None, 
 
     `plots` maps a relative PNG path (e.g. `plots/latency.png`) to its caption.
     """
-    parts = [md_table(t) for t in [*guard_tables(parity), *calibration_tables(parity)] if t.rows]
+    parts = [md_table(t) for t in [end_to_end_table(parity), *guard_tables(parity), *calibration_tables(parity)] if t.rows]
     if plots:
         parts += ["## Plots", ""] + [f"![{caption}]({path})\n" for path, caption in plots.items()]
     parts += [md_table(t) for t in bench_tables(bench)]

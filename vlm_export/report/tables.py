@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 DASH = "–"
 
@@ -150,11 +150,34 @@ def _before_after(name: str, before: Any, after: Any, higher_is_better: bool | N
     return (Cell(name), Cell(fmt(before, digits)), Cell(fmt(after, digits)), Cell(change, status))
 
 
+def _guard_entries(parity: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """("component/variant", decision) for each guarded INT8 variant (older bundles kept
+    one decision per component)."""
+    for comp, decisions in (parity.get("int8_guard") or {}).items():
+        if "before" in decisions:
+            yield comp, decisions
+        else:
+            for variant, decision in decisions.items():
+                yield f"{comp}/{variant}", decision
+
+
+def end_to_end_table(parity: dict[str, Any]) -> Table:
+    """What the user sees end to end (zero-shot argmax, captions, projector features)."""
+    rows = []
+    for rec in parity.get("end_to_end") or []:
+        metrics = ", ".join(f"{k} {fmt(v, 6 if 'cos' in k or 'agreement' in k else 4)}" for k, v in rec.get("metrics", {}).items() if k not in _NOT_SHOWN)
+        tolerance = ", ".join(f"{k} {fmt(v)}" for k, v in rec.get("tolerance", {}).items())
+        failures = "; ".join(rec.get("failures", [])) or DASH
+        rows.append((Cell(rec.get("name", DASH)), Cell(rec.get("variant", DASH)), verdict_cell(rec.get("passed")),
+                     Cell(metrics), Cell(tolerance or DASH), Cell(failures, Status.FAIL if rec.get("failures") else Status.PLAIN)))
+    return Table("End-to-end parity", ("check", "variant", "verdict", "metrics", "tolerance", "reasons"), tuple(rows))
+
+
 def guard_tables(parity: dict[str, Any]) -> list[Table]:
-    """The INT8 guard's decisions per component: parity, size and latency before/after,
-    the attempts it made and the nodes it kept in float."""
+    """The INT8 guard's decisions per component and variant: parity, size and latency
+    before/after, the attempts it made and the nodes it kept in float."""
     tables = []
-    for comp, g in (parity.get("int8_guard") or {}).items():
+    for comp, g in _guard_entries(parity):
         before, after = g.get("before", {}), g.get("after", {})
         keys = [k for k in sorted(set(before) | set(after)) if k not in _NOT_SHOWN]
         rows = [_before_after(k, before.get(k), after.get(k), k not in _LOWER_IS_BETTER, 6 if k.startswith("cos") else 4) for k in keys]
@@ -242,7 +265,7 @@ def bench_tables(bench: dict[str, Any] | None) -> list[Table]:
 def all_tables(manifest: dict[str, Any], parity: dict[str, Any], bench: dict[str, Any] | None = None) -> list[Table]:
     """Every table of the report in reading order (the ones with data only)."""
     tables: Iterable[Table | None] = [
-        parity_table(parity), *guard_tables(parity), *calibration_tables(parity),
+        parity_table(parity), end_to_end_table(parity), *guard_tables(parity), *calibration_tables(parity),
         latency_table(parity), *bench_tables(bench), size_table(manifest),
     ]
     return [t for t in tables if t is not None and t.rows]
