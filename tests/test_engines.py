@@ -245,3 +245,16 @@ def test_plan_json_round_trip() -> None:
     assert p.profile("pixel_values").dynamic
     with pytest.raises(InputError, match="has no input 'input_ids'"):
         p.profile("input_ids")
+
+
+def test_patch_profile_is_cut_to_the_models_own_range() -> None:
+    """desktop-ada allows far more patches than a model's resize rule can produce."""
+    limited = {**QWEN2_VL, "patch_range": {"min": 16, "opt": 1024, "max": 4096, "component": "vision", "symbol": "patches"}}
+    target = get_target("desktop-ada")
+    (fp16,) = [p for p in plan(limited, target, ["fp16"])]
+    profile = fp16.profile("pixel_values")
+    assert target.patches.max > 4096
+    assert (profile.min[0], profile.max[0]) == (max(16, target.patches.min), 4096)
+    assert profile.min[0] <= profile.opt[0] <= 4096
+    unlimited = plan(QWEN2_VL, target, ["fp16"])[0].profile("pixel_values")
+    assert unlimited.max[0] == target.patches.max

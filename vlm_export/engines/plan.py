@@ -136,8 +136,30 @@ def _range_for(symbol: str, target: Target, where: str) -> Range:
     return getattr(target, key)
 
 
-def input_profile(spec: Mapping[str, Any], target: Target, where: str, static: bool = False) -> InputProfile:
-    """Profile of one manifest input: symbols take the target's ranges, fixed dims stay.
+def model_ranges(manifest: Mapping[str, Any]) -> dict[str, Range]:
+    """Ranges the model itself allows, by symbol: manifest `dim_ranges` and Qwen2-VL's
+    `patch_range` (its resize rule never makes more patches than that)."""
+    raw = dict(manifest.get("dim_ranges") or {})
+    if "patch_range" in manifest:
+        raw.setdefault("patches", manifest["patch_range"])
+    return {sym: Range(int(r["min"]), int(r["opt"]), int(r["max"])) for sym, r in raw.items()}
+
+
+def _clamp(target_range: Range, model_range: Range | None) -> Range:
+    """The target's range cut to what the model can produce (opt kept inside)."""
+    if model_range is None:
+        return target_range
+    lo, hi = max(target_range.min, model_range.min), min(target_range.max, model_range.max)
+    if lo > hi:
+        return model_range
+    return Range(lo, min(max(target_range.opt, lo), hi), hi)
+
+
+def input_profile(
+    spec: Mapping[str, Any], target: Target, where: str, static: bool = False, limits: Mapping[str, Range] | None = None
+) -> InputProfile:
+    """Profile of one manifest input: symbols take the target's ranges (cut to the model's
+    own `limits`), fixed dims stay.
 
     `static` pins every symbol at its opt value (DLA runs static shapes only).
     """
@@ -145,7 +167,7 @@ def input_profile(spec: Mapping[str, Any], target: Target, where: str, static: b
     lo, mid, hi = [], [], []
     for dim in dims:
         if isinstance(dim, str):
-            rng = _range_for(dim, target, f"{where} input '{spec['name']}'")
+            rng = _clamp(_range_for(dim, target, f"{where} input '{spec['name']}'"), (limits or {}).get(dim))
             values = (rng.opt,) * 3 if static else (rng.min, rng.opt, rng.max)
         else:
             values = (int(dim),) * 3
@@ -220,11 +242,15 @@ def plan(
     folder = f"engines/{target.name}"
     suffix = f".dla{dla_core}" if dla_core is not None else ""
     plans = []
+    limits = model_ranges(manifest)
     for name, comp, key, raw in candidates:
         if raw.get("precision") not in wanted:
             continue
         _check_int8_qdq(name, key, raw, dla_core)
-        inputs = tuple(input_profile(spec, target, f"component '{name}'", static=dla_core is not None) for spec in comp["inputs"])
+        inputs = tuple(
+            input_profile(spec, target, f"component '{name}'", static=dla_core is not None, limits=limits)
+            for spec in comp["inputs"]
+        )
         plans.append(EnginePlan(
             component=name, variant=key, precision=str(raw["precision"]), target=target.name,
             tensorrt=target.tensorrt, compute_capability=target.compute_capability,
