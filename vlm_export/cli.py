@@ -178,17 +178,19 @@ def run(
     top_k: int = typer.Option(5, help="Labels to print for a classifier or a zero-shot run."),
     labels: Optional[str] = typer.Option(None, help='Zero-shot labels for a CLIP bundle, comma-separated: "cat,dog,car".'),
 ) -> None:
-    """Run a bundle on images: top-k labels for a classifier (or, with --labels, zero-shot), an embedding summary otherwise."""
+    """Run a bundle on images: top-k labels for a classifier (or, with --labels, zero-shot), a caption for a captioning bundle, an embedding summary otherwise."""
     from vlm_export.runtime import load
 
     model = load(bundle, precision=precision, provider=provider, variant=variant)
     if labels is not None and not hasattr(model, "zero_shot"):
         raise InputError(f"--labels needs a CLIP bundle; '{bundle}' is a {model.manifest.family} bundle")
-    names = [o["name"] for o in model.component["outputs"]]
+    names = [o["name"] for o in model.component["outputs"]] if hasattr(model, "component") else []
     for path in images:
         if labels is not None:
             ranked = model.zero_shot(path, labels)[: max(1, top_k)]
             typer.echo(f"{path}: " + ", ".join(f"{label} {p:.3f}" for label, p in ranked))
+        elif hasattr(model, "caption"):
+            typer.echo(f"{path}: {model.caption(path)}")
         elif "logits" in names:
             ranked = model.classify(path, top_k=top_k)
             typer.echo(f"{path}: " + ", ".join(f"{label} {p:.3f}" for label, p in ranked))

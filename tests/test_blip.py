@@ -1,0 +1,277 @@
+"""BLIP captioning through the CLI on a tiny real-architecture checkpoint.
+
+Three graphs (vision encoder, cross-attention K/V, decoder with past key values), the
+numpy greedy loop over onnxruntime, and token-id parity with transformers' `generate`.
+Random weights: the tests compare token ids, never words.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import SKIMAGE_PHOTOS, _build
+from typer.testing import CliRunner
+
+from vlm_export.cli import app
+from vlm_export.errors import InputError
+
+WORDS = ("a an the of picture photo cat dog man woman sitting on in with and red blue green table street car bus "
+         "tree sky there is are two people").split()
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", *WORDS, "##s", "##ing"]
+PROMPT = "a picture of"
+MAX_NEW = 30
+
+
+def _config(**extra: object):
+    from transformers import BlipConfig
+
+    ids = {t: i for i, t in enumerate(VOCAB)}
+    return BlipConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        text_config=dict(vocab_size=len(VOCAB), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=64, bos_token_id=ids["[DEC]"],
+                         eos_token_id=ids["[SEP]"], sep_token_id=ids["[SEP]"], pad_token_id=0),
+        **extra,
+    )
+
+
+def _save_processor(folder: Path) -> None:
+    from transformers import BertTokenizer, BlipImageProcessorPil, BlipProcessor
+
+    tokenizer = BertTokenizer(vocab={t: i for i, t in enumerate(VOCAB)})
+    tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+    BlipProcessor(image_processor=BlipImageProcessorPil(size={"height": 32, "width": 32}), tokenizer=tokenizer).save_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def tiny_blip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """BlipForConditionalGeneration: 2+2 layers, width 32, 32-px images (17 image tokens).
+
+    Weights are redrawn wider than the default init (BLIP's vision init of 1e-10 would
+    give every image the same caption) and [SEP]'s output bias is raised, so captions
+    differ per image and some end at [SEP] well before MAX_NEW while others run to it.
+    """
+    import torch
+    from transformers import BlipForConditionalGeneration
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-blip")
+    model = BlipForConditionalGeneration(_config()).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() >= 2:
+                param.normal_(0, 0.3 if name.startswith("vision") else 1.0)
+        model.text_decoder.cls.predictions.bias[VOCAB.index("[SEP]")] += 8.0
+    model.save_pretrained(folder)
+    _save_processor(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def blip_bundle(tiny_blip_dir: Path, photo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("bundles") / "blip"
+    result = _build(tiny_blip_dir, out, photo_dir)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def photos(photo_dir: Path) -> list[Path]:
+    return [photo_dir / name for name in SKIMAGE_PHOTOS]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_blip_dir: Path, photos: list[Path]):
+    """`generate(do_sample=False)` token ids per photo (prompt excluded, through [SEP])."""
+    import torch
+    from PIL import Image
+    from transformers import AutoProcessor, BlipForConditionalGeneration
+
+    model = BlipForConditionalGeneration.from_pretrained(tiny_blip_dir).eval()
+    processor = AutoProcessor.from_pretrained(tiny_blip_dir)
+    images = [Image.open(p).convert("RGB") for p in photos]
+    sep = VOCAB.index("[SEP]")
+
+    def run(prompt: str | None) -> list[list[int]]:
+        inputs = processor(images=images, text=None if prompt is None else [prompt] * len(images), return_tensors="pt")
+        inputs.pop("attention_mask", None)
+        with torch.no_grad():
+            out = model.generate(**inputs, do_sample=False, max_new_tokens=MAX_NEW)
+        start = 1 if prompt is None else inputs["input_ids"].shape[1] - 1
+        rows = [row[start:] for row in out.tolist()]
+        return [row[: row.index(sep) + 1] if sep in row else row for row in rows]
+
+    return {prompt: run(prompt) for prompt in (None, PROMPT)} | {"processor": processor}
+
+
+def test_bundle_layout(blip_bundle: Path) -> None:
+    from vlm_export.runtime.manifest import sha256_file
+
+    manifest = json.loads((blip_bundle / "manifest.json").read_text())
+    assert manifest["family"] == "blip"
+    components = manifest["components"]
+    assert list(components) == ["vision_encoder", "cross_kv", "text_decoder"]
+    assert set(components["vision_encoder"]["variants"]) == {"fp32", "fp16", "int8", "int8-cpu"}
+    for name in ("cross_kv", "text_decoder"):
+        assert set(components[name]["variants"]) == {"fp32", "fp16"}
+        assert components[name]["fp32_fallback"] == ["int8", "int8-cpu"]
+    decoder = {t["name"]: t["shape"] for t in components["text_decoder"]["inputs"]}
+    assert decoder["input_ids"] == ["batch", "sequence"]
+    assert decoder["past_key_values.1.value"] == ["batch", 2, "past_sequence", 16]
+    assert decoder["cross_attention.0.key"] == ["batch", 2, 17, 16]
+    outputs = {t["name"]: t["shape"] for t in components["text_decoder"]["outputs"]}
+    assert outputs["logits"] == ["batch", len(VOCAB)]
+    assert outputs["present.0.key"] == ["batch", 2, "past_sequence + sequence", 16]
+    assert components["vision_encoder"]["outputs"][0] == {"name": "image_embeds", "dtype": "float32", "shape": ["batch", 17, 32]}
+    assert manifest["generation"]["eos_token_id"] == VOCAB.index("[SEP]")
+    assert manifest["generation"]["bos_token_id"] == VOCAB.index("[DEC]")
+    assert sha256_file(blip_bundle / "tokenizer.json") == manifest["files"]["tokenizer.json"]["sha256"]
+
+
+def test_parity_records(blip_bundle: Path) -> None:
+    parity = json.loads((blip_bundle / "parity.json").read_text())
+    assert all(r["passed"] for r in parity["records"]), [r["failures"] for r in parity["records"]]
+    e2e = {r["variant"]: r for r in parity["end_to_end"]}
+    assert set(e2e) == {"fp32", "fp16", "int8", "int8-cpu"}
+    fp32 = e2e["fp32"]["metrics"]
+    assert fp32["caption_exact"] == 1.0 and fp32["caption_exact_prompted"] == 1.0
+    assert fp32["first_divergence_min"] == -1.0 and fp32["cache_equals_no_cache"] == 1.0
+    assert e2e["int8"]["components"] == {"vision_encoder": "int8", "cross_kv": "fp32", "text_decoder": "fp32"}
+    for record in e2e.values():
+        assert 0.0 <= record["metrics"]["caption_exact"] <= 1.0
+        assert len(record["first_divergence"]["no_prompt"]) == len(SKIMAGE_PHOTOS)
+        latency = record["latency"]
+        assert latency["cpu"]["step_cached_p50_ms"] > 0 and latency["cpu"]["step_uncached_p50_ms"] > 0
+        assert latency["pytorch-eager-cpu"]["p50_ms"] > 0 and latency["speedup_vs_pytorch"] > 0
+
+
+@pytest.mark.parametrize("prompt", [None, PROMPT])
+def test_runtime_token_ids_equal_generate(blip_bundle: Path, photos: list[Path], reference, prompt: str | None) -> None:
+    from vlm_export.runtime import load
+
+    out = load(blip_bundle, precision="fp32").generate(photos, prompt, max_new_tokens=MAX_NEW)
+    assert out.sequences == reference[prompt]
+    if prompt is None:  # the batch mixes rows that stopped at [SEP] with rows that ran to the limit
+        lengths = [len(s) for s in out.sequences]
+        assert any(out.finished) and not all(out.finished)
+        assert MAX_NEW in lengths and min(lengths) < MAX_NEW
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_kv_cache_gives_the_tokens_of_the_no_cache_path(blip_bundle: Path, photos: list[Path], precision: str) -> None:
+    from vlm_export.runtime import load
+
+    model = load(blip_bundle, precision=precision)
+    cached = model.generate(photos, max_new_tokens=MAX_NEW)
+    uncached = model.generate(photos, max_new_tokens=MAX_NEW, use_cache=False)
+    assert cached.sequences == uncached.sequences
+    assert len(cached.step_ms) == len(uncached.step_ms)
+
+
+def test_caption_text(blip_bundle: Path, photos: list[Path], reference) -> None:
+    from vlm_export.runtime import load
+
+    model = load(blip_bundle)
+    processor = reference["processor"]
+    text = model.caption(photos[1], max_new_tokens=MAX_NEW)
+    assert isinstance(text, str)
+    assert text == processor.decode(reference[None][1], skip_special_tokens=True)
+    texts = model.caption(photos[:2], prompt=PROMPT, max_new_tokens=MAX_NEW)
+    assert isinstance(texts, list) and len(texts) == 2
+    assert all(t.startswith(PROMPT) for t in texts)
+    assert model.last_timings["vision_ms"] > 0 and model.last_timings["step_ms"]
+
+
+def test_int8_runs_vision_int8_and_decoder_fp32(blip_bundle: Path, photos: list[Path]) -> None:
+    from vlm_export.runtime import load
+
+    model = load(blip_bundle, precision="int8")
+    keys = {name: runner.variant.key for name, runner in model.runners.items()}
+    assert keys == {"vision_encoder": "int8-cpu", "cross_kv": "fp32", "text_decoder": "fp32"}
+    exact = load(blip_bundle, variant="int8")
+    assert exact.runners["vision_encoder"].variant.key == "int8" and exact.runners["text_decoder"].variant.key == "fp32"
+    assert len(model.generate(photos[:2], max_new_tokens=5).sequences) == 2
+
+
+def test_cli_run_prints_captions(blip_bundle: Path, photos: list[Path]) -> None:
+    result = CliRunner().invoke(app, ["run", str(blip_bundle), str(photos[0]), str(photos[1]), "--precision", "int8"])
+    assert result.exit_code == 0, result.output
+    assert f"{photos[0]}: " in result.output and f"{photos[1]}: " in result.output
+
+
+@pytest.mark.parametrize("value", [0, -3, True, 2.5, "10", 10**6])
+def test_bad_max_new_tokens(blip_bundle: Path, photos: list[Path], value: object) -> None:
+    from vlm_export.runtime import load
+
+    with pytest.raises(InputError, match="max_new_tokens"):
+        load(blip_bundle).caption(photos[0], max_new_tokens=value)  # type: ignore[arg-type]
+
+
+def test_bad_images_and_prompt(blip_bundle: Path, photos: list[Path]) -> None:
+    from vlm_export.runtime import load
+
+    model = load(blip_bundle)
+    with pytest.raises(InputError, match="no images"):
+        model.caption([])
+    with pytest.raises(InputError, match="prompt"):
+        model.caption(photos[0], prompt=123)  # type: ignore[arg-type]
+    partial = load(blip_bundle, components=["vision_encoder"])
+    with pytest.raises(InputError, match="cross_kv, text_decoder"):
+        partial.caption(photos[0])
+
+
+@pytest.mark.parametrize("architecture", ["BlipForImageTextRetrieval", "BlipForQuestionAnswering"])
+def test_non_captioning_blip_is_refused(tmp_path: Path, photo_dir: Path, architecture: str) -> None:
+    import transformers
+
+    folder = tmp_path / "model"
+    getattr(transformers, architecture)(_config()).save_pretrained(folder)
+    _save_processor(folder)
+    result = _build(folder, tmp_path / "out", photo_dir)
+    assert result.exit_code == 2, result.output
+    assert architecture in result.output and "BlipForConditionalGeneration" in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_runtime_captions_without_torch(blip_bundle: Path, photos: list[Path], reference) -> None:
+    code = f"""
+import sys
+for name in ("torch", "transformers", "optimum", "onnxscript"):
+    sys.modules[name] = None
+from vlm_export.runtime import load
+m = load({str(blip_bundle)!r}, precision="fp16")
+ids = m.generate({str(photos[0])!r}, max_new_tokens={MAX_NEW}).sequences[0]
+text = m.caption({str(photos[0])!r}, max_new_tokens={MAX_NEW})
+assert isinstance(text, str)
+heavy = [n for n in ("torch", "transformers") if sys.modules.get(n) is not None]
+assert not heavy, heavy
+print("ok", ids)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("ok [")
+
+
+def test_greedy_loop_pads_finished_rows() -> None:
+    """The loop alone: a row that ends keeps being fed pad tokens; the others go on."""
+    from vlm_export.runtime.generation import greedy_decode
+
+    fed = []
+
+    def step(ids: np.ndarray, past: object) -> tuple[np.ndarray, object]:
+        fed.append(ids[:, -1].tolist())
+        logits = np.zeros((2, 5), dtype=np.float32)
+        logits[0, 3] = 1.0  # row 0 ends at once (eos = 3)
+        logits[1, 4 if len(fed) < 3 else 3] = 1.0  # row 1 after three tokens
+        return logits, past
+
+    out = greedy_decode(step, np.array([[1], [1]]), eos_token_id=3, pad_token_id=0, max_new_tokens=10)
+    assert out.sequences == [[3], [4, 4, 3]] and out.finished == [True, True]
+    assert fed == [[1, 1], [3, 4], [0, 4]]
