@@ -30,9 +30,12 @@ def sha256_file(path: Path) -> str:
 def resolve_inside(root: Path, relative: str) -> Path:
     """`root / relative`, refusing absolute paths, `..` and symlinks that leave `root`."""
     rel = Path(relative)
-    if rel.is_absolute() or ".." in rel.parts or not relative:
-        raise BundleError(f"manifest path '{relative}' is not a plain relative path inside the bundle '{root}'")
-    resolved = (root / rel).resolve()
+    if rel.is_absolute() or ".." in rel.parts or not relative or "\x00" in relative:
+        raise BundleError(f"manifest path {relative!r} is not a plain relative path inside the bundle '{root}'")
+    try:
+        resolved = (root / rel).resolve()
+    except (OSError, RuntimeError, ValueError) as exc:  # symlink loops, names the OS refuses
+        raise BundleError(f"manifest path {relative!r} cannot be resolved inside the bundle '{root}' ({exc})") from None
     if not resolved.is_relative_to(root.resolve()):
         raise BundleError(f"manifest path '{relative}' resolves outside the bundle '{root}' (symlink?)")
     return resolved
@@ -74,8 +77,9 @@ class Manifest:
 
     def file(self, relative: str) -> Path:
         """A side file listed in manifest["files"] (e.g. tokenizer.json), checksum verified."""
-        entry = self.data.get("files", {}).get(relative)
-        if entry is None:
+        files = self.data.get("files")
+        entry = files.get(relative) if isinstance(files, dict) else None
+        if not isinstance(entry, dict):
             raise BundleError(f"'{relative}' is not listed in '{self.root / MANIFEST_NAME}'; rebuild the bundle")
         path = resolve_inside(self.root, relative)
         if not path.is_file():
@@ -102,6 +106,21 @@ def _variant(root: Path, key: str, raw: dict[str, Any]) -> Variant:
         )
     except KeyError as exc:
         raise BundleError(f"manifest variant '{key}' in '{root}' lacks {exc}; rebuild the bundle") from None
+    except TypeError:  # a list or number where the writer puts an object or a list of strings
+        raise BundleError(f"manifest variant '{key}' in '{root}' is malformed; rebuild the bundle") from None
+
+
+def _check_components(path: Path, components: Any) -> None:
+    """Each component is an object whose `variants` map keys to objects (shape only)."""
+    if not isinstance(components, dict) or not components:
+        raise BundleError(f"'{path}' lists no components; rebuild the bundle")
+    for name, component in components.items():
+        variants = component.get("variants") if isinstance(component, dict) else None
+        if not isinstance(variants, dict):
+            raise BundleError(f"'{path}' component '{name}' has no valid 'variants' object; rebuild the bundle")
+        for key, variant in variants.items():
+            if not isinstance(variant, dict):
+                raise BundleError(f"'{path}' variant '{name}/{key}' is not an object; rebuild the bundle")
 
 
 def read_manifest(root: Path) -> Manifest:
@@ -126,8 +145,10 @@ def read_manifest(root: Path) -> Manifest:
     for key in ("family", "components"):
         if key not in data:
             raise BundleError(f"'{path}' lacks '{key}'; rebuild the bundle")
-    if not isinstance(data["components"], dict) or not data["components"]:
-        raise BundleError(f"'{path}' lists no components; rebuild the bundle")
+    _check_components(path, data["components"])
+    labels = data.get("labels")
+    if labels is not None and not (isinstance(labels, list) and all(isinstance(x, str) for x in labels)):
+        raise BundleError(f"'{path}' has malformed 'labels' (want a list of strings); rebuild the bundle")
     return Manifest(root=root, data=data)
 
 

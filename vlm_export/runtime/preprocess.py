@@ -129,7 +129,7 @@ class ImagePreprocessor:
 
     def __call__(self, images: ImageSource | Sequence[ImageSource]) -> np.ndarray:
         """Preprocess one image or a sequence of them into a (N, 3, H, W) float32 array."""
-        batch = _as_list(images)
+        batch = as_image_list(images)
         if not batch:
             raise InputError("no images given; pass at least one image")
         arrays = [self.process_one(load_image(image)) for image in batch]
@@ -205,7 +205,7 @@ def normalize(array: np.ndarray, mean: Sequence[float], std: Sequence[float]) ->
     return (array - np.asarray(mean, dtype=array.dtype)) / np.asarray(std, dtype=array.dtype)
 
 
-def _as_list(images: ImageSource | Sequence[ImageSource]) -> list[ImageSource]:
+def as_image_list(images: ImageSource | Sequence[ImageSource]) -> list[ImageSource]:
     """Accept one image or many; a 4-D array is a batch of HWC arrays."""
     if isinstance(images, np.ndarray):
         return list(images) if images.ndim == 4 else [images]

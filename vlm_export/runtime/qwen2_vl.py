@@ -27,7 +27,7 @@ from PIL import Image
 from vlm_export.errors import BundleError, InputError
 from vlm_export.runtime.images import ImageSource, load_image
 from vlm_export.runtime.model import BundleModel, ComponentRunner
-from vlm_export.runtime.preprocess import RESAMPLE, normalize, rescale
+from vlm_export.runtime.preprocess import RESAMPLE, as_image_list, normalize, rescale
 
 MAX_ASPECT_RATIO = 200  # smart_resize refuses longer/shorter sides above this ratio
 VISION_INPUTS = ("pixel_values", "rotary_cos", "rotary_sin", "segment_ids")
@@ -256,7 +256,7 @@ class Qwen2VLPreprocessor:
 
     def __call__(self, images: ImageSource | Sequence[ImageSource]) -> tuple[np.ndarray, np.ndarray]:
         """pixel_values (all patches, concatenated) and image_grid_thw (images, 3), as the processor returns."""
-        batch = _as_list(images)
+        batch = as_image_list(images)
         if not batch:
             raise InputError("no images given; pass at least one image")
         items = [self.process_one(load_image(image)) for image in batch]
@@ -333,10 +333,3 @@ class Qwen2VLModel(BundleModel):
 def _name(image: ImageSource) -> str:
     return f"'{image}'" if isinstance(image, str) or hasattr(image, "__fspath__") else f"<{type(image).__name__}>"
 
-
-def _as_list(images: ImageSource | Sequence[ImageSource]) -> list[ImageSource]:
-    if isinstance(images, np.ndarray):
-        return list(images) if images.ndim == 4 else [images]
-    if isinstance(images, (str, bytes, bytearray, memoryview, Image.Image)) or hasattr(images, "__fspath__"):
-        return [images]
-    return list(images)
