@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -47,6 +48,19 @@ class _InterruptFlag:
         raise KeyboardInterrupt
 
 
+def _exit_interrupted() -> None:
+    """One line, then exit 130 at once.
+
+    Why `os._exit`: the staging folder is already gone (the BundleWriter cleaned it on
+    the way up); an orderly interpreter shutdown after a Ctrl-C inside onnxruntime's
+    calibration was seen to end the process by SIGINT (-2) instead of 130.
+    """
+    typer.echo(f"error: {_INTERRUPTED}", err=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)
+
+
 def _one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """VlmExportError → one line on stderr and its exit code; Ctrl-C → exit 130."""
 
@@ -58,10 +72,10 @@ def _one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except VlmExportError as exc:
             _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, exc.exit_code)
         except KeyboardInterrupt:
-            _fail(_INTERRUPTED, 130)
+            _exit_interrupted()
         except Exception:  # noqa: BLE001 - only re-labelled when a Ctrl-C caused it
             if _InterruptFlag.seen:
-                _fail(_INTERRUPTED, 130)
+                _exit_interrupted()
             raise
         finally:
             signal.signal(signal.SIGINT, previous)
