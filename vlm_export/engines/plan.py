@@ -146,12 +146,11 @@ def model_ranges(manifest: Mapping[str, Any]) -> dict[str, Range]:
 
 
 def _clamp(target_range: Range, model_range: Range | None) -> Range:
-    """The target's range cut to what the model can produce (opt kept inside)."""
+    """The target's range fitted to what the model can produce: the model's own minimum
+    (a small image must still run), the smaller maximum, opt kept inside."""
     if model_range is None:
         return target_range
-    lo, hi = max(target_range.min, model_range.min), min(target_range.max, model_range.max)
-    if lo > hi:
-        return model_range
+    lo, hi = model_range.min, max(model_range.min, min(target_range.max, model_range.max))
     return Range(lo, min(max(target_range.opt, lo), hi), hi)
 
 
