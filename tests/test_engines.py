@@ -122,11 +122,12 @@ def test_blip_decoder_with_past_profiles() -> None:
     assert shapes(p) == {
         "input_ids": ((1, 1), (1, 128), (4, 1024)),
         "encoder_hidden_states": ((1, 577, 768), (1, 577, 768), (4, 577, 768)),
-        "past_key_values.0.key": ((1, 12, 1, 64), (1, 12, 128, 64), (4, 12, 1024, 64)),
-        "past_key_values.0.value": ((1, 12, 1, 64), (1, 12, 128, 64), (4, 12, 1024, 64)),
+        # past length 0: the first decoding step runs with an empty cache (runtime/blip.py)
+        "past_key_values.0.key": ((1, 12, 0, 64), (1, 12, 128, 64), (4, 12, 1024, 64)),
+        "past_key_values.0.value": ((1, 12, 0, 64), (1, 12, 128, 64), (4, 12, 1024, 64)),
     }
     hopper = plan(BLIP_DECODER, get_target("desktop-hopper"), ["fp16"])[0]
-    assert shapes(hopper)["past_key_values.0.key"] == ((1, 12, 1, 64), (16, 12, 512, 64), (64, 12, 8192, 64))
+    assert shapes(hopper)["past_key_values.0.key"] == ((1, 12, 0, 64), (16, 12, 512, 64), (64, 12, 8192, 64))
 
 
 def test_qwen2_vl_patches_exact_trtexec_on_two_targets() -> None:

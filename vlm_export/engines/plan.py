@@ -167,6 +167,8 @@ def input_profile(
     for dim in dims:
         if isinstance(dim, str):
             rng = _clamp(_range_for(dim, target, f"{where} input '{spec['name']}'"), (limits or {}).get(dim))
+            if dim.startswith("past"):  # a decoder's first step runs with an empty cache
+                rng = Range(0, rng.opt, rng.max)
             values = (rng.opt,) * 3 if static else (rng.min, rng.opt, rng.max)
         else:
             values = (int(dim),) * 3
