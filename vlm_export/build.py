@@ -109,8 +109,6 @@ class CalibrationData:
 def _calibration_data(opts: BuildOptions, family: Any, loaded: LoadedModel, reporter: Reporter) -> CalibrationData:
     from vlm_export.calibration.augment import random_resized_crops
 
-    if opts.calibration_size < 1:
-        raise InputError(f"--calibration-size must be at least 1 (got {opts.calibration_size})")
     photos = [img for _, img in _images(opts.calibration_dir, "--calibration", "calibration", reporter)]
     samples = random_resized_crops(photos, opts.calibration_size, seed=opts.seed)
     check = random_resized_crops(photos, GUARD_SAMPLES + len(photos), seed=opts.seed + 1)[len(photos):]
@@ -139,7 +137,7 @@ def _build_variants(
 
     paths: dict[str, Path] = {}
     base = f"{spec.name}/{spec.name}"
-    with reporter.task(f"[{spec.name}] export FP32 ONNX (torch.onnx dynamo)") as _:
+    with reporter.task(f"[{spec.name}] export FP32 ONNX (torch.onnx dynamo)"):
         paths["fp32"] = export_component(spec, writer.path(f"{base}.fp32.onnx"))
         check_graph(spec, paths["fp32"])
         check_against_torch(spec, paths["fp32"])
@@ -265,6 +263,8 @@ def build(opts: BuildOptions, reporter: Reporter | None = None) -> BuildResult:
     from vlm_export.report import write_reports
 
     reporter = reporter or SilentReporter()
+    if "int8" in opts.precisions and opts.calibration_size < 1:  # before minutes of loading
+        raise InputError(f"--calibration-size must be at least 1 (got {opts.calibration_size})")
     family = detect(opts.model_dir)
     with BundleWriter(opts.out, force=opts.force) as writer:
         with reporter.task(f"Loading {family.name} model from {opts.model_dir}"):

@@ -125,7 +125,7 @@ class VisionModel(BundleModel):
         results = []
         for row in probs:
             order = np.argsort(-row)[: max(1, top_k)]
-            results.append([(labels[i], float(row[i])) for i in order])
+            results.append([(labels[i] if i < len(labels) else str(i), float(row[i])) for i in order])
         return results[0] if single else results
 
 
