@@ -249,8 +249,9 @@ def test_engine_profile_uses_the_patch_axis(qwen_bundle: Path) -> None:
     from vlm_export.engines import get_target, plan
 
     p = plan(json.loads((qwen_bundle / "manifest.json").read_text()), get_target("jetson-orin-nano"), ["fp16"])[0]
-    assert p.profile("pixel_values").max == (4096, 1176)
-    assert p.profile("segment_ids").min == (64,)
+    manifest = json.loads((qwen_bundle / "manifest.json").read_text())
+    assert p.profile("pixel_values").max == (manifest["patch_range"]["max"], 1176)
+    assert p.profile("segment_ids").min == (manifest["patch_range"]["min"],)  # the smallest image the model makes
 
 
 # --- bad input -------------------------------------------------------------------------
