@@ -257,3 +257,13 @@ def test_int8_guard_holds_clip_with_outlier_channels(clip_bundle: Path) -> None:
             decision = guard[tower][key]
             assert decision["before"]["cosine_min"] < collapsed, (tower, key)  # as calibrated
             assert decision["after"]["cosine_min"] > 0.99 and len(decision["kept_float"]) == 1, (tower, key)
+
+
+def test_engine_profile_stops_at_the_models_positions(clip_bundle: Path) -> None:
+    from vlm_export.engines import get_target, plan
+
+    manifest = json.loads((clip_bundle / "manifest.json").read_text())
+    text = [p for p in plan(manifest, get_target("desktop-ada"), ["fp16"]) if p.component == "text"][0]
+    longest = manifest["tokenizer"]["max_length"]
+    assert text.profile("input_ids").max[1] == longest == manifest["dim_ranges"]["sequence"]["max"]
+    assert text.profile("input_ids").min[1] == 1

@@ -110,7 +110,12 @@ class ClipFamily:
             preprocess=preprocess_config_from_processor(processor),
             extra={"processor": processor, "tokenizer": tokenizer, "max_length": max_length, "workdir": workdir},
             bundle_files={TOKENIZER_FILE: tokenizer_json},
-            manifest_extra={"tokenizer": tokenizer_section, "clip": clip_section},
+            manifest_extra={
+                "tokenizer": tokenizer_section,
+                "clip": clip_section,
+                # TensorRT profiles: text never runs longer than the model's positions.
+                "dim_ranges": {"sequence": {"min": 1, "opt": max_length, "max": max_length}},
+            },
         )
 
     def components(self, loaded: LoadedModel) -> list[ComponentSpec]:
