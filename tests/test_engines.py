@@ -1,54 +1,57 @@
 """Engine plans (pure): profiles, flags, trtexec lines and ORT TensorRT EP options.
 
-Real manifests of the families built today (tiny ViT, tiny DINOv2) and hand-written
-manifests that mimic the coming ones (CLIP text, BLIP decoder with past, Qwen2-VL
-patches). Nothing here needs TensorRT or a GPU.
+Every manifest here is one a family wrote: the tiny ViT and DINOv2 session bundles, and
+CLIP, BLIP and Qwen2-VL bundles built (FP32 + FP16, enough for TensorRT plans) from the
+same tiny checkpoints their own test modules make. Where a test needs an odd manifest
+(a static input, a non-QDQ INT8 recipe), it edits a copy of a real one. Nothing here
+needs TensorRT or a GPU.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import _build
 
 from vlm_export.engines import get_target, ort_trt_provider_options, plan
 from vlm_export.errors import BundleError, InputError
 
-VARIANTS = {
-    "fp32": ("fp32", "export", ["cpu", "cuda", "tensorrt-ep", "tensorrt"]),
-    "fp16": ("fp16", "fp16-keep-norms", ["cuda", "tensorrt-ep", "tensorrt"]),
-    "int8": ("int8", "qdq-static", ["tensorrt-ep", "tensorrt", "cuda"]),
-    "int8-cpu": ("int8", "dynamic-matmul+ort-cpu-fusions", ["cpu"]),
-}
+# The families' tiny checkpoints, as their own test modules make them.
+from test_blip import tiny_blip_dir  # noqa: F401
+from test_clip import tiny_clip_dir  # noqa: F401
+from test_qwen2_vl import qwen_dir  # noqa: F401
 
 
-def manifest(component: str, inputs: list[tuple[str, str, list[Any]]], variants: dict[str, tuple] = VARIANTS) -> dict[str, Any]:
-    """A manifest as `vlm-export build` writes it, for a family not built yet."""
-    return {
-        "format_version": 1,
-        "family": "test",
-        "components": {component: {
-            "inputs": [{"name": n, "dtype": d, "shape": s} for n, d, s in inputs],
-            "outputs": [],
-            "variants": {
-                key: {"precision": p, "recipe": r, "providers": prov, "onnx": f"{component}/{component}.{key}.onnx", "sha256": "0" * 64, "engines": {}}
-                for key, (p, r, prov) in variants.items()
-            },
-        }},
-    }
+def _fp16_bundle(model_dir: Path, photo_dir: Path, factory: pytest.TempPathFactory, name: str) -> dict[str, Any]:
+    out = factory.mktemp("engine-bundles") / name
+    result = _build(model_dir, out, photo_dir, "--precision", "fp16")
+    assert result.exit_code == 0, result.output
+    return load(out)
 
 
-CLIP_TEXT = manifest("text", [("input_ids", "int64", ["batch", "sequence"]), ("attention_mask", "int64", ["batch", "sequence"])])
-BLIP_DECODER = manifest("text_decoder", [
-    ("input_ids", "int64", ["batch", "sequence"]),
-    ("encoder_hidden_states", "float32", ["batch", 577, 768]),
-    ("past_key_values.0.key", "float32", ["batch", 12, "past_sequence", 64]),
-    ("past_key_values.0.value", "float32", ["batch", 12, "past_sequence", 64]),
-])
-QWEN2_VL = manifest("vision", [("pixel_values", "float32", ["patches", 1176]), ("rotary_pos_emb", "float32", ["patches", 40])])
-DINO_SMALL = manifest("vision", [("pixel_values", "float32", ["batch", 3, 224, 224])])
+@pytest.fixture(scope="module")
+def clip_manifest(tiny_clip_dir: Path, photo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:  # noqa: F811
+    return _fp16_bundle(tiny_clip_dir, photo_dir, tmp_path_factory, "clip")
+
+
+@pytest.fixture(scope="module")
+def blip_manifest(tiny_blip_dir: Path, photo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:  # noqa: F811
+    return _fp16_bundle(tiny_blip_dir, photo_dir, tmp_path_factory, "blip")
+
+
+@pytest.fixture(scope="module")
+def qwen_manifest(qwen_dir: Path, photo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:  # noqa: F811
+    return _fp16_bundle(qwen_dir, photo_dir, tmp_path_factory, "qwen2_vl")
+
+
+@pytest.fixture()
+def dino(dinov2_bundle: Path) -> dict[str, Any]:
+    """The tiny DINOv2 bundle's manifest (vision: pixel_values [batch, 3, 56, 56]; fp32, fp16, int8, int8-cpu)."""
+    return load(dinov2_bundle)
 
 
 def shapes(p: Any) -> dict[str, tuple]:
@@ -57,6 +60,11 @@ def shapes(p: Any) -> dict[str, tuple]:
 
 def load(bundle: Path) -> dict[str, Any]:
     return json.loads((bundle / "manifest.json").read_text())
+
+
+def _one(plans: list, component: str) -> Any:
+    [found] = [p for p in plans if p.component == component]
+    return found
 
 
 # --- real bundles -------------------------------------------------------------------
@@ -106,68 +114,95 @@ def test_trtexec_with_root_and_quoting(dinov2_bundle: Path) -> None:
     assert "'--timingCacheFile=/data/my bundle/engines/desktop-ada/timing.cache'" in line
 
 
-# --- future families (hand-written manifests) ---------------------------------------
+# --- the other families' real manifests ------------------------------------------------
 
 
-def test_clip_text_profiles() -> None:
-    [fp32, fp16, int8] = plan(CLIP_TEXT, get_target("jetson-orin-nano"))
-    assert shapes(fp16) == {"input_ids": ((1, 1), (1, 128), (4, 1024)), "attention_mask": ((1, 1), (1, 128), (4, 1024))}
-    ada = plan(CLIP_TEXT, get_target("desktop-ada"), ["fp16"])[0]
-    assert shapes(ada)["input_ids"] == ((1, 1), (8, 256), (32, 4096))
-    assert "--minShapes=input_ids:1x1,attention_mask:1x1 " in ada.trtexec_command()
+def test_clip_text_profiles_stop_at_the_models_positions(clip_manifest: dict) -> None:
+    assert clip_manifest["dim_ranges"] == {"sequence": {"min": 1, "opt": 48, "max": 48}}  # max_position_embeddings
+    nano = plan(clip_manifest, get_target("jetson-orin-nano"), ["fp16"])
+    assert [(p.component, p.variant) for p in nano] == [("vision", "fp16"), ("text", "fp16")]
+    text = _one(nano, "text")
+    assert shapes(text) == {"input_ids": ((1, 1), (1, 48), (4, 48)), "attention_mask": ((1, 1), (1, 48), (4, 48))}
+    assert shapes(_one(nano, "vision")) == {"pixel_values": ((1, 3, 32, 32), (1, 3, 32, 32), (4, 3, 32, 32))}
+    ada = _one(plan(clip_manifest, get_target("desktop-ada"), ["fp16"]), "text")
+    assert shapes(ada)["input_ids"] == ((1, 1), (8, 48), (32, 48))
+    assert "--minShapes=input_ids:1x1,attention_mask:1x1 --optShapes=input_ids:8x48,attention_mask:8x48 " \
+           "--maxShapes=input_ids:32x48,attention_mask:32x48 " in ada.trtexec_command()
 
 
-def test_blip_decoder_with_past_profiles() -> None:
-    p = plan(BLIP_DECODER, get_target("jetson-orin-nano"), ["fp16"])[0]
-    assert shapes(p) == {
-        "input_ids": ((1, 1), (1, 128), (4, 1024)),
-        "encoder_hidden_states": ((1, 577, 768), (1, 577, 768), (4, 577, 768)),
-        # past length 0: the first decoding step runs with an empty cache (runtime/blip.py)
-        "past_key_values.0.key": ((1, 12, 0, 64), (1, 12, 128, 64), (4, 12, 1024, 64)),
-        "past_key_values.0.value": ((1, 12, 0, 64), (1, 12, 128, 64), (4, 12, 1024, 64)),
-    }
-    hopper = plan(BLIP_DECODER, get_target("desktop-hopper"), ["fp16"])[0]
-    assert shapes(hopper)["past_key_values.0.key"] == ((1, 12, 0, 64), (16, 12, 512, 64), (64, 12, 8192, 64))
+def test_blip_decoder_with_past_profiles(blip_manifest: dict) -> None:
+    nano = plan(blip_manifest, get_target("jetson-orin-nano"), ["fp16"])
+    assert [p.component for p in nano] == ["vision_encoder", "cross_kv", "text_decoder"]
+    decoder = shapes(_one(nano, "text_decoder"))
+    assert len(decoder) == 1 + 4 + 4  # input_ids, 2 layers × past key/value, 2 layers × cross key/value
+    assert decoder["input_ids"] == ((1, 1), (1, 128), (4, 1024))
+    # past length 0: the first decoding step runs with an empty cache (runtime/blip.py)
+    for name in ("past_key_values.0.key", "past_key_values.1.value"):
+        assert decoder[name] == ((1, 2, 0, 16), (1, 2, 128, 16), (4, 2, 1024, 16))
+    assert decoder["cross_attention.0.key"] == ((1, 2, 17, 16), (1, 2, 17, 16), (4, 2, 17, 16))
+    assert shapes(_one(nano, "cross_kv")) == {"image_embeds": ((1, 17, 32), (1, 17, 32), (4, 17, 32))}
+    hopper = shapes(_one(plan(blip_manifest, get_target("desktop-hopper"), ["fp16"]), "text_decoder"))
+    assert hopper["past_key_values.0.key"] == ((1, 2, 0, 16), (16, 2, 512, 16), (64, 2, 8192, 16))
 
 
-def test_qwen2_vl_patches_exact_trtexec_on_two_targets() -> None:
-    nano = plan(QWEN2_VL, get_target("jetson-orin-nano"), ["fp16"])[0]
-    assert shapes(nano) == {"pixel_values": ((64, 1176), (1024, 1176), (4096, 1176)), "rotary_pos_emb": ((64, 40), (1024, 40), (4096, 40))}
+@pytest.mark.xfail(strict=True, reason="bug: BLIP's decoder profile is not cut to its max_position_embeddings (64) "
+                   "the way CLIP's text profile is; engines accept 1024+ tokens the model cannot position")
+def test_blip_decoder_profile_stops_at_the_models_positions(blip_manifest: dict) -> None:
+    decoder = _one(plan(blip_manifest, get_target("jetson-orin-nano"), ["fp16"]), "text_decoder")
+    assert decoder.profile("input_ids").max[1] <= 64
+    assert decoder.profile("past_key_values.0.key").max[2] <= 64
+
+
+def test_qwen2_vl_patches_exact_trtexec_on_two_targets(qwen_manifest: dict) -> None:
+    assert qwen_manifest["patch_range"] == {"min": 16, "opt": 1024, "max": 4096, "component": "vision", "symbol": "patches"}
+    nano = plan(qwen_manifest, get_target("jetson-orin-nano"), ["fp16"])[0]
+    assert shapes(nano) == {"pixel_values": ((16, 1176), (1024, 1176), (4096, 1176)), "rotary_cos": ((16, 16), (1024, 16), (4096, 16)),
+                            "rotary_sin": ((16, 16), (1024, 16), (4096, 16)), "segment_ids": ((16,), (1024,), (4096,))}
     assert nano.trtexec_command() == (
         "trtexec --onnx=vision/vision.fp16.onnx --saveEngine=engines/jetson-orin-nano/vision.fp16.plan "
-        "--minShapes=pixel_values:64x1176,rotary_pos_emb:64x40 --optShapes=pixel_values:1024x1176,rotary_pos_emb:1024x40 "
-        "--maxShapes=pixel_values:4096x1176,rotary_pos_emb:4096x40 --stronglyTyped --memPoolSize=workspace:1024M "
-        "--timingCacheFile=engines/jetson-orin-nano/timing.cache"
+        "--minShapes=pixel_values:16x1176,rotary_cos:16x16,rotary_sin:16x16,segment_ids:16 "
+        "--optShapes=pixel_values:1024x1176,rotary_cos:1024x16,rotary_sin:1024x16,segment_ids:1024 "
+        "--maxShapes=pixel_values:4096x1176,rotary_cos:4096x16,rotary_sin:4096x16,segment_ids:4096 --stronglyTyped "
+        "--memPoolSize=workspace:1024M --timingCacheFile=engines/jetson-orin-nano/timing.cache"
     )
-    ada = plan(QWEN2_VL, get_target("desktop-ada"), ["fp16"])[0]
+    ada = plan(qwen_manifest, get_target("desktop-ada"), ["fp16"])[0]
     assert ada.trtexec_command() == (
         "trtexec --onnx=vision/vision.fp16.onnx --saveEngine=engines/desktop-ada/vision.fp16.plan "
-        "--minShapes=pixel_values:64x1176,rotary_pos_emb:64x40 --optShapes=pixel_values:2048x1176,rotary_pos_emb:2048x40 "
-        "--maxShapes=pixel_values:16384x1176,rotary_pos_emb:16384x40 --stronglyTyped --memPoolSize=workspace:4096M "
-        "--timingCacheFile=engines/desktop-ada/timing.cache"
+        "--minShapes=pixel_values:16x1176,rotary_cos:16x16,rotary_sin:16x16,segment_ids:16 "
+        "--optShapes=pixel_values:2048x1176,rotary_cos:2048x16,rotary_sin:2048x16,segment_ids:2048 "
+        "--maxShapes=pixel_values:4096x1176,rotary_cos:4096x16,rotary_sin:4096x16,segment_ids:4096 --stronglyTyped "
+        "--memPoolSize=workspace:4096M --timingCacheFile=engines/desktop-ada/timing.cache"
     )
 
 
-def test_static_component_has_no_shape_flags() -> None:
-    fixed = manifest("vision", [("pixel_values", "float32", [1, 3, 224, 224])])
+def _edited(manifest: dict, **vision_input: Any) -> dict:
+    """A copy of a real manifest with its vision input's fields replaced."""
+    edited = copy.deepcopy(manifest)
+    edited["components"]["vision"]["inputs"][0].update(vision_input)
+    return edited
+
+
+def test_static_component_has_no_shape_flags(dino: dict) -> None:
+    fixed = _edited(dino, shape=[1, 3, 56, 56])
     p = plan(fixed, get_target("desktop-ada"), ["fp32"])[0]
     assert not p.dynamic_inputs and "Shapes" not in p.trtexec_command()
+    assert shapes(p) == {"pixel_values": ((1, 3, 56, 56),) * 3}
     assert "trt_profile_min_shapes" not in ort_trt_provider_options(p)
 
 
 # --- DLA ------------------------------------------------------------------------------
 
 
-def test_dla_plans_are_static_with_gpu_fallback() -> None:
-    plans = plan(DINO_SMALL, get_target("jetson-agx-orin"), dla_core=1)
+def test_dla_plans_are_static_with_gpu_fallback(dino: dict) -> None:
+    plans = plan(dino, get_target("jetson-agx-orin"), dla_core=1)
     assert [p.variant for p in plans] == ["fp16", "int8"]  # DLA runs fp16/int8 only
     for p in plans:
-        assert shapes(p) == {"pixel_values": ((4, 3, 224, 224),) * 3}
+        assert shapes(p) == {"pixel_values": ((4, 3, 56, 56),) * 3}
         assert p.engine == f"engines/jetson-agx-orin/vision.{p.variant}.dla1.plan"
         assert p.builder_flags == ("STRONGLY_TYPED", "GPU_FALLBACK")
     assert plans[0].trtexec_command() == (
         "trtexec --onnx=vision/vision.fp16.onnx --saveEngine=engines/jetson-agx-orin/vision.fp16.dla1.plan "
-        "--minShapes=pixel_values:4x3x224x224 --optShapes=pixel_values:4x3x224x224 --maxShapes=pixel_values:4x3x224x224 "
+        "--minShapes=pixel_values:4x3x56x56 --optShapes=pixel_values:4x3x56x56 --maxShapes=pixel_values:4x3x56x56 "
         "--stronglyTyped --memPoolSize=workspace:4096M --timingCacheFile=engines/jetson-agx-orin/timing.cache "
         "--useDLACore=1 --allowGPUFallback"
     )
@@ -185,26 +220,29 @@ def test_dla_plans_are_static_with_gpu_fallback() -> None:
         ("jetson-agx-orin", {"dla_core": 0, "precisions": ["fp32"]}, "DLA runs fp16 and int8 only; precision 'fp32' cannot use --dla-core 0"),
     ],
 )
-def test_refused_requests(target: str, kwargs: dict[str, Any], message: str) -> None:
+def test_refused_requests(dino: dict, target: str, kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(InputError) as info:
-        plan(DINO_SMALL, get_target(target), **kwargs)
+        plan(dino, get_target(target), **kwargs)
     assert str(info.value) == message
 
 
-def test_int8_without_qdq_is_refused_on_dla_and_gpu() -> None:
-    variants = {"int8": ("int8", "calibration-table", ["tensorrt"])}
-    no_qdq = manifest("vision", [("pixel_values", "float32", ["batch", 3, 224, 224])], variants)
+def test_int8_without_qdq_is_refused_on_dla_and_gpu(dino: dict) -> None:
+    no_qdq = copy.deepcopy(dino)
+    no_qdq["components"]["vision"]["variants"]["int8"]["recipe"] = "calibration-table"
     with pytest.raises(InputError, match=r"^variant vision/int8 is INT8 without QDQ nodes \(recipe 'calibration-table'\); TensorRT builds INT8 on DLA core 0 only from a QDQ graph"):
         plan(no_qdq, get_target("jetson-agx-orin"), ["int8"], dla_core=0)
     with pytest.raises(InputError, match="TensorRT builds INT8 only from a QDQ graph"):
         plan(no_qdq, get_target("desktop-ada"), ["int8"])
+    assert [p.variant for p in plan(dino, get_target("desktop-ada"), ["int8"])] == ["int8"]  # the real recipe is QDQ
 
 
-def test_unknown_symbol_and_bad_manifests() -> None:
-    odd = manifest("vision", [("pixel_values", "float32", ["batch", 3, "height", "width"])])
+def test_unknown_symbol_and_bad_manifests(dino: dict) -> None:
+    odd = _edited(dino, shape=["batch", 3, "height", "width"])
     with pytest.raises(InputError, match="component 'vision' input 'pixel_values' has dimension 'height', which no target range sizes; known: batch, "):
         plan(odd, get_target("desktop-ada"))
-    cpu_only = manifest("vision", [("pixel_values", "float32", ["batch", 3, 8, 8])], {"int8-cpu": VARIANTS["int8-cpu"]})
+    cpu_only = copy.deepcopy(dino)
+    variants = cpu_only["components"]["vision"]["variants"]
+    cpu_only["components"]["vision"]["variants"] = {"int8-cpu": variants["int8-cpu"]}
     with pytest.raises(InputError, match="no variant meant for TensorRT"):
         plan(cpu_only, get_target("desktop-ada"))
     with pytest.raises(BundleError, match="manifest lacks components"):
@@ -214,8 +252,8 @@ def test_unknown_symbol_and_bad_manifests() -> None:
 # --- onnxruntime TensorRT EP options -------------------------------------------------
 
 
-def test_ort_trt_provider_options_follow_the_plan() -> None:
-    fp16, int8 = plan(DINO_SMALL, get_target("jetson-orin-nx"), ["fp16", "int8"])
+def test_ort_trt_provider_options_follow_the_plan(dino: dict, qwen_manifest: dict) -> None:
+    fp16, int8 = plan(dino, get_target("jetson-orin-nx"), ["fp16", "int8"])
     assert ort_trt_provider_options(fp16, root="/b") == {
         "trt_fp16_enable": True,
         "trt_int8_enable": False,
@@ -224,38 +262,37 @@ def test_ort_trt_provider_options_follow_the_plan() -> None:
         "trt_timing_cache_enable": True,
         "trt_timing_cache_path": "/b/engines/jetson-orin-nx",
         "trt_max_workspace_size": 2048 * 1024 * 1024,
-        "trt_profile_min_shapes": "pixel_values:1x3x224x224",
-        "trt_profile_opt_shapes": "pixel_values:1x3x224x224",
-        "trt_profile_max_shapes": "pixel_values:8x3x224x224",
+        "trt_profile_min_shapes": "pixel_values:1x3x56x56",
+        "trt_profile_opt_shapes": "pixel_values:1x3x56x56",
+        "trt_profile_max_shapes": "pixel_values:8x3x56x56",
     }
     options = ort_trt_provider_options(int8, cache_dir="/tmp/c")
     assert options["trt_int8_enable"] and not options["trt_fp16_enable"]
     assert options["trt_engine_cache_path"] == "/tmp/c" and "trt_int8_calibration_table_name" not in options
-    dla = ort_trt_provider_options(plan(DINO_SMALL, get_target("jetson-orin-nx"), ["fp16"], dla_core=1)[0])
+    dla = ort_trt_provider_options(plan(dino, get_target("jetson-orin-nx"), ["fp16"], dla_core=1)[0])
     assert dla["trt_dla_enable"] is True and dla["trt_dla_core"] == 1
-    assert dla["trt_profile_max_shapes"] == "pixel_values:1x3x224x224"
-    qwen = ort_trt_provider_options(plan(QWEN2_VL, get_target("desktop-ada"), ["fp16"])[0])
-    assert qwen["trt_profile_opt_shapes"] == "pixel_values:2048x1176,rotary_pos_emb:2048x40"
+    assert dla["trt_profile_max_shapes"] == "pixel_values:1x3x56x56"
+    qwen = ort_trt_provider_options(plan(qwen_manifest, get_target("desktop-ada"), ["fp16"])[0])
+    assert qwen["trt_profile_opt_shapes"] == "pixel_values:2048x1176,rotary_cos:2048x16,rotary_sin:2048x16,segment_ids:2048"
 
 
-def test_plan_json_round_trip() -> None:
-    p = plan(DINO_SMALL, get_target("jetson-orin-nano"), ["int8"])[0]
+def test_plan_json_round_trip(dino: dict) -> None:
+    p = plan(dino, get_target("jetson-orin-nano"), ["int8"])[0]
     data = json.loads(json.dumps(p.to_json()))
     assert data["builder_flags"] == ["STRONGLY_TYPED"]
-    assert data["profile"] == [{"name": "pixel_values", "dims": ["batch", 3, 224, 224], "min": [1, 3, 224, 224], "opt": [1, 3, 224, 224], "max": [4, 3, 224, 224]}]
+    assert data["profile"] == [{"name": "pixel_values", "dims": ["batch", 3, 56, 56], "min": [1, 3, 56, 56], "opt": [1, 3, 56, 56], "max": [4, 3, 56, 56]}]
+    assert data["onnx"] == dino["components"]["vision"]["variants"]["int8"]["onnx"]
     assert p.profile("pixel_values").dynamic
     with pytest.raises(InputError, match="has no input 'input_ids'"):
         p.profile("input_ids")
 
 
-def test_patch_profile_is_cut_to_the_models_own_range() -> None:
+def test_patch_profile_is_cut_to_the_models_own_range(qwen_manifest: dict) -> None:
     """desktop-ada allows far more patches than a model's resize rule can produce."""
-    limited = {**QWEN2_VL, "patch_range": {"min": 16, "opt": 1024, "max": 4096, "component": "vision", "symbol": "patches"}}
     target = get_target("desktop-ada")
-    (fp16,) = [p for p in plan(limited, target, ["fp16"])]
+    (fp16,) = plan(qwen_manifest, target, ["fp16"])
     profile = fp16.profile("pixel_values")
-    assert target.patches.max > 4096
-    assert (profile.min[0], profile.max[0]) == (16, 4096)  # the model's smallest image still runs
-    assert profile.min[0] <= profile.opt[0] <= 4096
-    unlimited = plan(QWEN2_VL, target, ["fp16"])[0].profile("pixel_values")
-    assert unlimited.max[0] == target.patches.max
+    assert target.patches.max > qwen_manifest["patch_range"]["max"] == 4096
+    assert (profile.min[0], profile.opt[0], profile.max[0]) == (16, 2048, 4096)  # the model's smallest image still runs
+    unlimited = {k: v for k, v in qwen_manifest.items() if k != "patch_range"}
+    assert plan(unlimited, target, ["fp16"])[0].profile("pixel_values").max[0] == target.patches.max

@@ -18,15 +18,22 @@ from vlm_export.engines.build import check_device_matches_target
 from vlm_export.errors import BackendUnavailableError, BundleError, InputError
 from vlm_export.runtime.trt_runner import check_shape_in_profile, select_engine_record
 
-from test_engines import DINO_SMALL, QWEN2_VL
+from test_engines import dino, qwen_manifest, qwen_dir, tiny_blip_dir, tiny_clip_dir  # noqa: F401 - fixtures
 
 RECORD = {"path": "engines/jetson-orin-nano/vision.fp16.plan", "target": "jetson-orin-nano", "tensorrt_version": "10.3.0.30",
           "device": "Orin", "compute_capability": "8.7"}
 
 
-def test_engine_compatible_same_version_and_gpu() -> None:
-    check_engine_compatible(RECORD, "10.3.0.26", "8.7")  # build number may differ
-    check_engine_compatible(RECORD, "10.3.0", "8.7")
+@pytest.mark.parametrize("version", ["10.3.0.30", "10.3.0.26", "10.3.0"])  # the build number may differ
+def test_engine_compatible_same_version_and_gpu(version: str) -> None:
+    assert check_engine_compatible(RECORD, version, "8.7") is None  # accepted: no error
+    # ...and the runtime then picks exactly that record for this device.
+    assert select_engine_record({"jetson-orin-nano": RECORD}, version, "8.7", "vision/fp16") is RECORD
+    # The boundary: the next patch release or another GPU is refused.
+    with pytest.raises(BundleError, match="rebuild it here: vlm-export engine OUT --target jetson-orin-nano$"):
+        check_engine_compatible(RECORD, "10.3.1", "8.7")
+    with pytest.raises(BundleError, match="this machine has TensorRT 10.3.0.30 on compute 8.9"):
+        check_engine_compatible(RECORD, "10.3.0.30", "8.9")
 
 
 @pytest.mark.parametrize(("version", "cc"), [("10.13.3", "8.7"), ("10.3.0", "8.9"), ("11.4.1", "9.0"), ("10.4.0", "8.7")])
@@ -51,22 +58,22 @@ def test_select_engine_record() -> None:
         select_engine_record({}, "10.3.0", "8.7", "variant vision/fp16")
 
 
-def test_build_refuses_a_gpu_that_is_not_the_target() -> None:
-    p = plan(DINO_SMALL, get_target("jetson-orin-nano"), ["fp16"])[0]
+def test_build_refuses_a_gpu_that_is_not_the_target(dino: dict) -> None:
+    p = plan(dino, get_target("jetson-orin-nano"), ["fp16"])[0]
     check_device_matches_target(p, "Orin", "8.7")
     with pytest.raises(InputError, match=r"^target 'jetson-orin-nano' is compute 8.7 but this GPU \(NVIDIA H100\) is compute 9.0; "):
         check_device_matches_target(p, "NVIDIA H100", "9.0")
 
 
-def test_shape_outside_profile_message() -> None:
-    profile = plan(DINO_SMALL, get_target("jetson-orin-nx"), ["fp16"])[0].profile("pixel_values")  # batch 1..8
-    check_shape_in_profile("pixel_values", (8, 3, 224, 224), profile)
-    check_shape_in_profile("pixel_values", (1, 3, 224, 224), profile)
+def test_shape_outside_profile_message(dino: dict) -> None:
+    profile = plan(dino, get_target("jetson-orin-nx"), ["fp16"])[0].profile("pixel_values")  # batch 1..8
+    check_shape_in_profile("pixel_values", (8, 3, 56, 56), profile)
+    check_shape_in_profile("pixel_values", (1, 3, 56, 56), profile)
     cases = {
-        (9, 3, 224, 224): "input 'pixel_values' shape (9,3,224,224) is outside the engine profile: batch 1..8",
-        (0, 3, 224, 224): "input 'pixel_values' shape (0,3,224,224) is outside the engine profile: batch 1..8",
-        (2, 3, 256, 224): "input 'pixel_values' shape (2,3,256,224) is outside the engine profile: axis 2 must be 224",
-        (3, 224, 224): "input 'pixel_values' has rank 3 (shape (3,224,224)); the engine takes (batch,3,224,224)",
+        (9, 3, 56, 56): "input 'pixel_values' shape (9,3,56,56) is outside the engine profile: batch 1..8",
+        (0, 3, 56, 56): "input 'pixel_values' shape (0,3,56,56) is outside the engine profile: batch 1..8",
+        (2, 3, 64, 56): "input 'pixel_values' shape (2,3,64,56) is outside the engine profile: axis 2 must be 56",
+        (3, 56, 56): "input 'pixel_values' has rank 3 (shape (3,56,56)); the engine takes (batch,3,56,56)",
     }
     for shape, message in cases.items():
         with pytest.raises(InputError) as info:
@@ -74,12 +81,13 @@ def test_shape_outside_profile_message() -> None:
         assert str(info.value) == message
 
 
-def test_shape_check_with_json_profile_and_patches() -> None:
-    record_profile = plan(QWEN2_VL, get_target("jetson-orin-nano"), ["fp16"])[0].to_json()["profile"]
-    rotary = next(p for p in record_profile if p["name"] == "rotary_pos_emb")
-    check_shape_in_profile("rotary_pos_emb", (4096, 40), rotary)
-    with pytest.raises(InputError, match=r"^input 'rotary_pos_emb' shape \(5000,41\) is outside the engine profile: patches 64..4096, axis 1 must be 40$"):
-        check_shape_in_profile("rotary_pos_emb", (5000, 41), rotary)
+def test_shape_check_with_json_profile_and_patches(qwen_manifest: dict) -> None:
+    record_profile = plan(qwen_manifest, get_target("jetson-orin-nano"), ["fp16"])[0].to_json()["profile"]
+    rotary = next(p for p in record_profile if p["name"] == "rotary_cos")
+    check_shape_in_profile("rotary_cos", (4096, 16), rotary)
+    check_shape_in_profile("rotary_cos", (16, 16), rotary)
+    with pytest.raises(InputError, match=r"^input 'rotary_cos' shape \(5000,17\) is outside the engine profile: patches 16..4096, axis 1 must be 16$"):
+        check_shape_in_profile("rotary_cos", (5000, 17), rotary)
 
 
 def test_importing_engine_modules_never_imports_tensorrt() -> None:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -54,8 +54,12 @@ def _variant() -> st.SearchStrategy[Any]:
     return fields | json_values
 
 
+sources = st.fixed_dictionaries({"path": st.text(max_size=20), "config_sha256": st.text(alphabet="0123456789abcdef", min_size=64, max_size=64),
+                                 "model_type": st.sampled_from(["vit", "clip", "blip"])})
+
 structured_manifests = st.fixed_dictionaries(
     {"format_version": st.sampled_from([1, 0, 2, -1, "1", 1.0, True]) | json_values,
+     "source": sources | json_values,
      "family": st.sampled_from(["vit", "clip", "llava", "qwen2_vl", "blip"]) | json_values,
      "components": st.dictionaries(st.sampled_from(["vision", "text", ""]) | st.text(max_size=6),
                                    st.fixed_dictionaries({"variants": st.dictionaries(st.sampled_from(["fp32", "fp16", "int8", "int8-cpu"]), _variant(), max_size=3)},
@@ -75,56 +79,80 @@ def fuzz_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _exercise_manifest(root: Path) -> None:
-    """Everything the runtime reads from a manifest before it opens a session."""
-    manifest = read_manifest(root)
-    _ = manifest.family, manifest.labels
-    for name in manifest.components:
-        manifest.variants(name)
-    for relative in ("tokenizer.json", "vision/fp32.onnx"):
-        try:
-            manifest.file(relative)
-        except BundleError:
-            pass
-    ImagePreprocessConfig.from_dict(manifest.preprocess)
+def _refused(message: str) -> bool:
+    """A documented refusal: one line that names the manifest (or the manifest path at fault)."""
+    line = message.strip()
+    return bool(line) and "\n" not in line and ("manifest.json" in line or line.startswith("manifest path "))
 
 
-def _refusals(root: Path, payload: bytes) -> list[str]:
-    """Read `payload` as a manifest, then load the bundle; the messages of the documented
-    errors raised (any other exception fails the test)."""
+def _outcome(root: Path, payload: bytes) -> str:
+    """Read `payload` as the bundle's manifest.json: either a one-line BundleError naming
+    manifest.json ("refused"), or a manifest whose fields are exactly the input's
+    ("loaded"). Any other exception fails the test."""
     (root / MANIFEST_NAME).write_bytes(payload)
-    messages = []
     try:
-        _exercise_manifest(root)
+        manifest = read_manifest(root)
     except BundleError as exc:
-        messages.append(str(exc))
-    try:  # the whole load: the CLI's documented one-line errors only
+        assert _refused(str(exc)), repr(str(exc))
+        with pytest.raises(BundleError) as again:  # load() refuses with the same message
+            load(root)
+        assert str(again.value) == str(exc)
+        return "refused"
+    value = json.loads(payload)
+    assert manifest.family == value["family"]
+    assert manifest.labels == value.get("labels")
+    assert list(manifest.components) == list(value["components"])
+    for name, component in value["components"].items():
+        try:
+            variants = manifest.variants(name)
+        except BundleError as exc:
+            assert _refused(str(exc)), repr(str(exc))
+            continue
+        assert list(variants) == list(component["variants"])
+        for key, variant in variants.items():
+            raw = component["variants"][key]
+            assert (variant.key, variant.precision, variant.sha256) == (key, raw["precision"], raw["sha256"])
+            assert variant.path.resolve() == (root / raw["onnx"]).resolve()
+            assert variant.path.resolve().is_relative_to(root.resolve())
+    try:  # the whole load: the documented one-line errors only
         load(root)
     except VlmExportError as exc:
-        messages.append(str(exc))
-    return messages
+        assert str(exc).strip() and "\n" not in str(exc).strip(), repr(str(exc))
+    return "loaded"
 
 
-def _one_line(message: str) -> bool:
-    return bool(message.strip()) and "\n" not in message.strip()
+VALID = {"format_version": 1, "family": "vit", "source": {"path": "/m", "config_sha256": "0" * 64, "model_type": "vit"},
+         "components": {"vision": {"variants": {"fp32": {"precision": "fp32", "onnx": "vision/fp32.onnx", "sha256": "ab" * 32}}}},
+         "labels": ["cat"]}
+
+
+def test_a_valid_manifest_loads_with_its_own_fields(fuzz_bundle: Path) -> None:
+    """The control for the fuzzers below: the "loaded" branch is reachable and checked."""
+    assert _outcome(fuzz_bundle, json.dumps(VALID).encode()) == "loaded"
+    manifest = read_manifest(fuzz_bundle)
+    assert manifest.variants("vision")["fp32"].path == fuzz_bundle / "vision" / "fp32.onnx"
+    broken = {**VALID, "source": None}
+    assert _outcome(fuzz_bundle, json.dumps(broken).encode()) == "refused"
 
 
 @FUZZ
 @given(payload=st.binary(max_size=300))
 def test_manifest_random_bytes(fuzz_bundle: Path, payload: bytes) -> None:
-    assert all(_one_line(m) for m in _refusals(fuzz_bundle, payload))
+    assert _outcome(fuzz_bundle, payload) == "refused"  # never a manifest: no 'source', no components
 
 
 @FUZZ
 @given(value=json_values)
 def test_manifest_random_json(fuzz_bundle: Path, value: Any) -> None:
-    assert all(_one_line(m) for m in _refusals(fuzz_bundle, json.dumps(value).encode()))
+    assert _outcome(fuzz_bundle, json.dumps(value).encode()) == "refused"  # keys ≤ 8 chars: never 'components'
 
 
 @FUZZ
+@example(value=VALID)
 @given(value=structured_manifests)
 def test_manifest_structured_mutations(fuzz_bundle: Path, value: dict) -> None:
-    assert all(_one_line(m) for m in _refusals(fuzz_bundle, json.dumps(value).encode()))
+    """Refused in one line naming manifest.json, or loaded with exactly the given fields."""
+    assert _outcome(fuzz_bundle, json.dumps(value).encode()) in ("refused", "loaded")
 
 
 # ---------------------------------------------------------------- images + preprocessing

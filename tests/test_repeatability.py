@@ -51,12 +51,27 @@ def twin_bundles(tiny_vit_dir: Path, photo_dir: Path, tmp_path_factory: pytest.T
     return outs
 
 
-def test_concurrent_builds_both_succeed_and_load(twin_bundles: tuple[Path, Path], photo_dir: Path) -> None:
+def _pytorch_label(model_dir: Path, image: Path) -> str:
+    """The label transformers' own model and processor give `image` (argmax of the logits)."""
+    import torch
+    from PIL import Image
+    from transformers import AutoImageProcessor, ViTForImageClassification
+
+    model = ViTForImageClassification.from_pretrained(model_dir).eval()
+    processor = AutoImageProcessor.from_pretrained(model_dir, backend="pil")
+    with torch.no_grad():
+        logits = model(**processor(images=[Image.open(image).convert("RGB")], return_tensors="pt")).logits[0]
+    return model.config.id2label[int(logits.argmax())]
+
+
+def test_concurrent_builds_both_succeed_and_load(twin_bundles: tuple[Path, Path], tiny_vit_dir: Path, photo_dir: Path) -> None:
+    image = photo_dir / "chelsea.png"
+    expected = _pytorch_label(tiny_vit_dir, image)
     for bundle in twin_bundles:
         assert json.loads((bundle / "manifest.json").read_text())["source"]["model_type"] == "vit"
         for precision in ("fp32", "fp16", "int8"):
-            top = load(bundle, precision=precision).classify(photo_dir / "chelsea.png", top_k=1)
-            assert top[0][0].startswith("class_")
+            top = load(bundle, precision=precision).classify(image, top_k=1)
+            assert top[0][0] == expected, (bundle.name, precision, top)
 
 
 def test_same_build_gives_byte_identical_onnx(twin_bundles: tuple[Path, Path], vit_bundle: Path) -> None:

@@ -19,18 +19,8 @@ from vlm_export.errors import InputError
 from vlm_export.families import ComponentSpec, LoadedModel, detect
 from vlm_export.progress import Reporter, SilentReporter
 from vlm_export.quantize import CalibrationMethod, FeedReader, Int8Config, batched_feeds, to_fp16, to_int8_cpu, to_int8_qdq
+from vlm_export.recipes import PRECISIONS, RECIPES, recipe
 from vlm_export.verify import ParityRecord
-
-PRECISIONS = ("fp32", "fp16", "int8")
-
-# Variant key → (precision, recipe, providers it is meant for).
-VARIANTS: dict[str, tuple[str, str, tuple[str, ...]]] = {
-    "fp32": ("fp32", "export", ("cpu", "cuda", "tensorrt-ep", "tensorrt")),
-    "fp16": ("fp16", "fp16-keep-norms", ("cuda", "tensorrt-ep", "tensorrt")),
-    "int8": ("int8", "qdq-static", ("tensorrt-ep", "tensorrt", "cuda")),
-    "int8-cpu": ("int8", "dynamic-matmul+ort-cpu-fusions", ("cpu",)),
-}
-
 
 def parse_precisions(text: str) -> tuple[str, ...]:
     """"fp16,int8" → ("fp32", "fp16", "int8"): fp32 is the source of the others, always built."""
@@ -93,7 +83,10 @@ def _images(folder: Path | None, flag: str, role: str, reporter: Reporter) -> li
         from vlm_export.calibration import default_calibration_dir, default_parity_dir
 
         folder = default_calibration_dir() if role == "calibration" else default_parity_dir()
-    return load_image_folder(Path(folder), flag, reporter.warn)
+    images = load_image_folder(Path(folder), flag, reporter.warn)
+    for name, image in images:  # lets a family's image check name the file (PIL keeps `info` across convert)
+        image.info.setdefault("filename", str(Path(folder) / name))
+    return images
 
 
 # Held-out crops (another seed) on which the INT8 guard checks the QDQ graph.
@@ -192,7 +185,7 @@ def _guard_int8_variants(
         ranking = NodeRanking(paths["int8"], check, reference, spec.parity_output, config.op_types, task.advance)
         for key, requantize in (("int8", requantize_qdq), ("int8-cpu", requantize_cpu)):
             result = guard_int8(paths[key], check, reference, spec.parity_output, target, requantize, ranking,
-                                GuardConfig(enabled=opts.int8_guard))
+                                GuardConfig(enabled=opts.int8_guard), recipe(key).evaluation)
             decisions[key] = result.to_json()
             if result.kept_float:
                 reporter.note(f"[{spec.name}/{key}] INT8 guard kept {len(result.kept_float)} node(s) in float: "
@@ -206,7 +199,9 @@ def _parity(
     from vlm_export.export import torch_outputs
     from vlm_export.quantize.reader import first_sample
     from vlm_export.runtime.session import create_session
-    from vlm_export.verify import evaluate, measure, run_in_batches
+    from vlm_export.recipes import Evaluation
+    from vlm_export.verify import compare, evaluate, measure, run_in_batches
+    from vlm_export.verify.evaluation import verdict_session
 
     feed = {t.name: parity_feed[t.name] for t in spec.inputs}
     one = first_sample(feed)
@@ -216,10 +211,12 @@ def _parity(
         torch_latency = measure(lambda: torch_outputs(spec, one), runs=opts.latency_runs)
         task.advance()
         for key, path in paths.items():
-            session = create_session(path, "cpu")
-            names = [o.name for o in session.get_outputs()]
-            outputs = run_in_batches(lambda f: dict(zip(names, session.run(None, f))), feed)
-            record = evaluate(spec, key, VARIANTS[key][0], reference, outputs)
+            session = create_session(path, "cpu")  # what the runtime runs: latency, and the CPU kernels' outputs
+            outputs = _run_session(session, feed)
+            judged = outputs if recipe(key).evaluation is Evaluation.ORT_CPU else _run_session(verdict_session(path, key), feed)
+            record = evaluate(spec, key, recipe(key).precision, reference, judged, evaluation=recipe(key).evaluation)
+            if judged is not outputs:  # reported beside the verdict, labelled, never judged
+                record.beside["ort_cpu_kernels"] = compare(reference[spec.parity_output], outputs[spec.parity_output], spec.parity_kind)
             record.latency["cpu"] = measure(lambda: session.run(None, one), runs=opts.latency_runs)
             record.latency["pytorch-eager-cpu"] = torch_latency
             records.append(record)
@@ -227,25 +224,36 @@ def _parity(
     return records
 
 
+def _run_session(session: Any, feed: dict[str, Any]) -> dict[str, np.ndarray]:
+    from vlm_export.verify import run_in_batches
+
+    names = [o.name for o in session.get_outputs()]
+    return run_in_batches(lambda f: dict(zip(names, session.run(None, f))), feed)
+
+
 def _component_manifest(
     spec: ComponentSpec, paths: dict[str, Path], writer: BundleWriter, records: list[ParityRecord], precisions: tuple[str, ...]
 ) -> dict[str, Any]:
+    from vlm_export.runtime.onnx_external import external_data_entries
+
     passed = {r.variant: r.passed for r in records}
     variants = {}
     for key, path in paths.items():
-        precision, recipe, providers = VARIANTS[key]
+        made = recipe(key)
         rel = writer.relative(path)
         variants[key] = {
-            "precision": precision,
-            "recipe": recipe,
-            "providers": list(providers),
+            "precision": made.precision,
+            "recipe": made.recipe,
+            "providers": list(made.providers),
+            "evaluation": made.evaluation.value,
             "onnx": rel,
             "sha256": writer.checksum(rel),
             "bytes": path.stat().st_size,
+            "external_data": external_data_entries(path, writer.staging),
             "parity_passed": passed.get(key),
             "engines": {},
         }
-    skipped = [key for key, (precision, _, _) in VARIANTS.items() if precision == "int8" and key not in paths]
+    skipped = [key for key, made in RECIPES.items() if made.precision == "int8" and key not in paths]
     fallback = {"fp32_fallback": skipped} if not spec.int8 and "int8" in precisions else {}
     return {
         **fallback,
@@ -260,13 +268,13 @@ def _component_manifest(
 
 def build(opts: BuildOptions, reporter: Reporter | None = None) -> BuildResult:
     """Run every stage and commit the bundle to `opts.out`; parity verdicts in the result."""
+    from vlm_export.build_limits import check_build_ranges
     from vlm_export.report import write_reports
 
     reporter = reporter or SilentReporter()
-    if "int8" in opts.precisions and opts.calibration_size < 1:  # before minutes of loading
-        raise InputError(f"--calibration-size must be at least 1 (got {opts.calibration_size})")
+    check_build_ranges(calibration_size=opts.calibration_size, latency_runs=opts.latency_runs)  # before minutes of loading
     family = detect(opts.model_dir)
-    with BundleWriter(opts.out, force=opts.force) as writer:
+    with BundleWriter(opts.out, force=opts.force, protected=(opts.model_dir, opts.calibration_dir, opts.parity_dir)) as writer:
         with reporter.task(f"Loading {family.name} model from {opts.model_dir}"):
             loaded = family.load(opts.model_dir)
         parity_images = _images(opts.parity_dir, "--parity-images", "parity", reporter)
@@ -282,6 +290,7 @@ def build(opts: BuildOptions, reporter: Reporter | None = None) -> BuildResult:
         end_to_end = _end_to_end(family, loaded, all_paths, [img for _, img in parity_images], reporter)
         result.end_to_end = end_to_end
         parity = {
+            "machine": _machine(),
             "samples": [name for name, _ in parity_images],
             "records": [r.to_json() for r in result.records],
             "end_to_end": end_to_end,
@@ -297,12 +306,23 @@ def build(opts: BuildOptions, reporter: Reporter | None = None) -> BuildResult:
             "labels": list(loaded.labels) if loaded.labels else None,
             "files": _copy_bundle_files(loaded, writer),
             **dict(loaded.manifest_extra),
-            "parity": {"passed": not result.failed_names, "failed": result.failed_names, "file": "parity.json"},
+            "parity": {"passed": not result.failed_names, "failed": result.failed_names, "file": "parity.json",
+                       "verdict_cpu": {k: parity["machine"][k] for k in ("model", "arch", "isa")}},
             "build": {"precisions": list(opts.precisions), "calibration_method": opts.calibration_method.value, "calibration_size": opts.calibration_size, "seed": opts.seed, "int8_guard": opts.int8_guard},
         }
         write_reports(writer.staging, manifest, parity)
         writer.commit(manifest)
     return result
+
+
+def _machine() -> dict[str, Any]:
+    """The CPU and library versions the verdicts were computed on (parity.json "machine")."""
+    import onnxruntime
+    import torch
+
+    from vlm_export.runtime.cpu import cpu_info
+
+    return {**cpu_info(), "onnxruntime": onnxruntime.__version__, "torch": torch.__version__}
 
 
 def _end_to_end(family: Any, loaded: LoadedModel, paths: dict[str, dict[str, Path]], images: list[Any], reporter: Reporter) -> list[dict[str, Any]]:

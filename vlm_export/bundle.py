@@ -1,71 +1,100 @@
-"""Writing a bundle: staging under `OUT.partial-*`, checksums, atomic commit.
+"""Writing a bundle: staging under `OUT.partial-*`, checksums, a recoverable commit.
 
-Why staging: an interrupted build (Ctrl-C, SIGKILL, a full disk) must leave nothing
-that looks finished. Everything is written into a sibling `OUT.partial-<pid>-<token>`
-folder; manifest.json is written last; one `rename` moves it into place.
+Why staging: an interrupted build (Ctrl-C, SIGTERM, SIGKILL, a full disk) must leave
+nothing that looks finished. Everything is written into a marked sibling
+`OUT.partial-<pid>-<token>` folder (vlm_export.staging); manifest.json is written last;
+the commit moves it into place without ever losing the only complete bundle
+(vlm_export.swap). OUT is locked for the writer's whole life (vlm_export.locks), and
+what `-o`/`--force` may touch is decided by vlm_export.output_guard.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from vlm_export.errors import InputError
+from vlm_export.locks import OutputLock
+from vlm_export.os_errors import environment_error
+from vlm_export.output_guard import check_out_path, check_replaceable
 from vlm_export.runtime.manifest import FORMAT_VERSION, MANIFEST_NAME, sha256_file
+from vlm_export.staging import MARKER_NAME, PARTIAL_MARK, create_staging, remove_stale_partials
+from vlm_export.swap import journal_path, move_into_place, recover
 
-PARTIAL_MARK = ".partial-"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remove_stale_partials(out: Path) -> list[Path]:
-    """Delete `OUT.partial-*` folders left by builds that are no longer running."""
-    removed = []
-    for candidate in out.parent.glob(f"{out.name}{PARTIAL_MARK}*"):
-        pid_text = candidate.name[len(out.name) + len(PARTIAL_MARK) :].split("-", 1)[0]
-        if pid_text.isdigit() and int(pid_text) != os.getpid() and _pid_alive(int(pid_text)):
-            continue
-        shutil.rmtree(candidate, ignore_errors=True)
-        removed.append(candidate)
-    return removed
+__all__ = ["BundleWriter", "PARTIAL_MARK", "remove_stale_partials"]
 
 
 class BundleWriter:
-    """Stages a bundle and commits it to OUT in one rename.
+    """Stages a bundle and commits it to OUT.
 
     Use as a context manager: leaving the block by an exception removes the staging
-    folder; `commit()` writes the manifest and moves the folder into place.
+    folder (finishing or undoing a half-done commit first) and releases OUT's lock;
+    `commit()` writes the manifest and moves the folder into place. `protected` are the
+    inputs (model, calibration and parity folders) that OUT may never overlap.
     """
 
-    def __init__(self, out: Path, force: bool = False) -> None:
-        self.out = Path(out).absolute()
-        if self.out.exists() and not force:
-            raise InputError(f"output '{self.out}' already exists; pass --force to replace it or choose another -o")
+    def __init__(self, out: Path, force: bool = False, protected: Iterable[Path | None] = ()) -> None:
+        self.out = check_out_path(Path(out))
+        self.force = force
+        self.protected = tuple(protected)
         if not self.out.parent.is_dir():
             raise InputError(f"the parent folder of -o '{self.out}' does not exist; create it first")
-        remove_stale_partials(self.out)
-        self.force = force
-        self.staging = self.out.with_name(f"{self.out.name}{PARTIAL_MARK}{os.getpid()}-{secrets.token_hex(4)}")
-        self.staging.mkdir()
+        self._staging: Path | None = None
+        self._lock = OutputLock(self.out)
+        try:
+            self._lock.acquire()
+            recover(self.out)
+            self._check_target()
+            remove_stale_partials(self.out)
+            self._staging = create_staging(self.out)
+        except BaseException as exc:
+            self._cleanup()
+            mapped = self._as_environment_error(exc)
+            if mapped is not None:
+                raise mapped from None
+            raise
+
+    @property
+    def staging(self) -> Path:
+        """The folder being written (it becomes OUT on commit)."""
+        if self._staging is None:
+            raise RuntimeError("the bundle was already committed or abandoned")
+        return self._staging
+
+    def _check_target(self) -> None:
+        if os.path.lexists(self.out):
+            if not self.force:
+                raise InputError(f"output '{self.out}' already exists; pass --force to replace it or choose another -o")
+            check_out_path(self.out)
+            check_replaceable(self.out, self.protected)
+
+    def _as_environment_error(self, exc: BaseException) -> InputError | None:
+        if isinstance(exc, InputError) or not isinstance(exc, Exception):
+            return None
+        return environment_error(exc, self.out.parent)
+
+    def _cleanup(self) -> None:
+        """Undo or finish a half-done commit, remove the staging folder, unlock OUT."""
+        try:
+            if self._lock.fd is not None and journal_path(self.out).exists():
+                recover(self.out)
+            if self._staging is not None and self._staging.exists():
+                shutil.rmtree(self._staging, ignore_errors=True)
+            self._staging = None
+        finally:
+            self._lock.release()
 
     def __enter__(self) -> "BundleWriter":
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if self.staging.exists():
-            shutil.rmtree(self.staging, ignore_errors=True)
+        self._cleanup()
+        mapped = self._as_environment_error(exc) if exc is not None else None
+        if mapped is not None:
+            raise mapped from None
 
     def path(self, relative: str) -> Path:
         """A path inside the staging folder (parents created)."""
@@ -85,14 +114,14 @@ class BundleWriter:
         return sha256_file(self.staging / relative)
 
     def commit(self, manifest: dict[str, Any]) -> Path:
-        """Write manifest.json (with `format_version`) and move the bundle to OUT."""
+        """Write manifest.json (with `format_version`) and move the bundle to OUT.
+
+        OUT is checked again (minutes passed since the writer was made); the staging
+        marker goes only once the swap's journal covers the folder.
+        """
         manifest = {"format_version": FORMAT_VERSION, **manifest}
         self.write_json(MANIFEST_NAME, manifest)
-        previous = None
-        if self.out.exists():
-            previous = self.out.with_name(f"{self.out.name}{PARTIAL_MARK}{os.getpid()}-old")
-            self.out.rename(previous)
-        self.staging.rename(self.out)
-        if previous is not None:
-            shutil.rmtree(previous, ignore_errors=True)
+        self._check_target()
+        move_into_place(self.staging, self.out, before_swap=(self.staging / MARKER_NAME).unlink)
+        self._staging = None
         return self.out

@@ -1,22 +1,24 @@
 """The `vlm-export` command line: build, run, inspect, bench, engine, compare.
 
 Errors a user can fix print one line and exit 2; a parity failure exits 1 unless
-`--allow-drift`; Ctrl-C exits 130 and leaves only `OUT.partial-*`, which the next build
-removes. `run` and `inspect` need only the runtime install (no torch).
+`--allow-drift`; Ctrl-C exits 130 (SIGTERM 143) and leaves at most a marked
+`OUT.partial-*`, which the next build removes (policy: vlm_export.cli_errors).
+`run` and `inspect` need only the runtime install (no torch).
 """
 
 from __future__ import annotations
 
-import functools
 import json
-import os
-import signal
 import sys
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import typer
 
+from vlm_export.cli_errors import INTERRUPTED as _INTERRUPTED  # noqa: F401 - tests import it from here
+from vlm_export.cli_errors import OneLineUsageGroup
+from vlm_export.cli_errors import fail as _fail
+from vlm_export.cli_errors import one_line_errors as _one_line_errors
 from vlm_export.errors import InputError, VlmExportError
 
 app = typer.Typer(
@@ -24,63 +26,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=OneLineUsageGroup,  # usage errors (missing option, unknown flag) as one line, exit 2
 )
-
-
-def _fail(message: str, code: int) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
-
-
-_INTERRUPTED = "interrupted; partial output removed (any OUT.partial-* left is cleaned by the next build)"
-
-
-class _InterruptFlag:
-    """Remembers a Ctrl-C: one that lands inside a C extension (an import, a torch op)
-    can surface as another exception, e.g. ImportError("initialization failed"), which
-    must still read as an interruption."""
-
-    seen = False
-
-    @classmethod
-    def handler(cls, signum: int, frame: Any) -> None:
-        cls.seen = True
-        raise KeyboardInterrupt
-
-
-def _exit_interrupted() -> None:
-    """One line, then exit 130 at once.
-
-    Why `os._exit`: the staging folder is already gone (the BundleWriter cleaned it on
-    the way up); an orderly interpreter shutdown after a Ctrl-C inside onnxruntime's
-    calibration was seen to end the process by SIGINT (-2) instead of 130.
-    """
-    typer.echo(f"error: {_INTERRUPTED}", err=True)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(130)
-
-
-def _one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """VlmExportError → one line on stderr and its exit code; Ctrl-C → exit 130."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        previous = signal.signal(signal.SIGINT, _InterruptFlag.handler)
-        try:
-            return fn(*args, **kwargs)
-        except VlmExportError as exc:
-            _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, exc.exit_code)
-        except KeyboardInterrupt:
-            _exit_interrupted()
-        except Exception:  # noqa: BLE001 - only re-labelled when a Ctrl-C caused it
-            if _InterruptFlag.seen:
-                _exit_interrupted()
-            raise
-        finally:
-            signal.signal(signal.SIGINT, previous)
-
-    return wrapper
 
 
 @app.command()
@@ -104,9 +51,11 @@ def build(
 ) -> None:
     """Export, convert and verify MODEL_DIR into the bundle OUT."""
     from vlm_export.build import BuildOptions, build as run_build, parse_precisions
+    from vlm_export.build_limits import check_build_ranges
     from vlm_export.progress import RichReporter
     from vlm_export.quantize import CalibrationMethod
 
+    check_build_ranges(calibration_size=calibration_size, latency_runs=latency_runs)  # before minutes of work
     reporter = RichReporter()
     if target is not None:
         from vlm_export.engines import get_target
@@ -220,27 +169,33 @@ def run(
 @app.command()
 @_one_line_errors
 def inspect(bundle: Path = typer.Argument(..., help="A bundle folder made by `vlm-export build`.")) -> None:
-    """What is in a bundle: components, variants, sizes, checksums and parity verdicts."""
+    """What is in a bundle: components, variants, sizes, checksums and parity verdicts.
+    Exits 1 when any file fails its check (checksum, external data)."""
     from rich.console import Console
     from rich.table import Table
 
-    from vlm_export.runtime.manifest import read_manifest, verify_file
+    from vlm_export.runtime.manifest import check_external_data, read_manifest, verify_file
 
     manifest = read_manifest(bundle)
     table = Table(title=f"{bundle} ({manifest.family}, {manifest.data['source'].get('model_type', '?')})")
     for col in ["component", "variant", "precision", "for providers", "MB", "sha256", "checksum", "parity"]:
         table.add_column(col)
+    bad = []
     for name in manifest.components:
         for key, variant in manifest.variants(name).items():
             try:
                 verify_file(variant)
+                check_external_data(variant)
                 ok = "ok"
             except VlmExportError as exc:
                 ok = f"BAD: {exc}"
+                bad.append(f"{name}/{key}")
             size = variant.path.stat().st_size / 1e6 if variant.path.exists() else 0.0
             verdict = {True: "pass", False: "FAIL", None: "–"}[variant.parity_passed]
             table.add_row(name, key, variant.precision, ", ".join(variant.providers), f"{size:.1f}", variant.sha256[:12], ok, verdict)
     Console().print(table)
+    if bad:
+        _fail(f"{len(bad)} variant(s) of '{bundle}' failed their checks: {', '.join(bad)}; rebuild or re-copy the bundle", 1)
 
 
 from vlm_export.engines.cli_engine import bench, engine  # noqa: E402 - TensorRT imported only when building

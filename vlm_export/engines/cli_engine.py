@@ -5,6 +5,11 @@ then builds with the TensorRT Python API where it imports; elsewhere it exits 2 
 TensorRT is missing, with the lines to run on the device already printed. `bench`
 times every variant of a bundle on one provider and writes OUT/bench.json atomically
 (the only file it adds; manifest and checksums stay as they were).
+
+On a bundle that cannot be written (read-only folder or filesystem, full disk) `bench`
+still prints its table, says in one line that nothing was saved and exits 0: the
+measurements are the point, the bundle is not ours to fix. `--output FILE` writes the
+results to FILE instead and leaves the bundle untouched.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import datetime as _dt
 import functools
 import json
+import os
 import platform
 import shlex
 from pathlib import Path
@@ -20,9 +26,11 @@ from typing import Any, Callable, Optional
 import numpy as np
 import typer
 
-from vlm_export.errors import InputError
+from vlm_export.errors import BundleError, InputError
 
 BENCH_NAME = "bench.json"
+MAX_BATCH = 4096
+MAX_RUNS = 100_000
 # Sizes for symbolic dims other than batch when no --target gives its opt values.
 DEFAULT_SYMBOL_SIZES = {"patches": 1024, "num_patches": 1024, "sequence": 128, "sequence_length": 128, "past_sequence": 128, "past_sequence_length": 128}
 
@@ -79,6 +87,7 @@ def engine(
 
     manifest = read_manifest(bundle)
     plans = plan(manifest.data, get_target(target), _split(precision), dla_core)
+    _verify_planned(manifest, plans)
     _print_plans(bundle, plans, manifest.data)
     if dry_run:
         return
@@ -86,6 +95,17 @@ def engine(
         require_tensorrt()  # raises the one-line "TensorRT is not installed here" error, exit 2
     for record in build_engines(bundle, plans):
         typer.echo(f"built {record['path']} ({record['bytes'] / 1e6:.1f} MB, TensorRT {record['tensorrt_version']}, {record['device']})")
+
+
+def _verify_planned(manifest: Any, plans: list[Any]) -> None:
+    """Each planned ONNX file inside the bundle, with its checksum and external data, as
+    `run` checks them: a trtexec line is only printed for a file the bundle vouches for."""
+    from vlm_export.runtime.manifest import check_external_data, verify_file
+
+    for p in plans:
+        variant = manifest.variants(p.component)[p.variant]
+        verify_file(variant)
+        check_external_data(variant)
 
 
 def bench_feed(inputs: list[dict[str, Any]], batch: int, sizes: dict[str, int], seed: int = 0) -> dict[str, np.ndarray]:
@@ -121,21 +141,23 @@ def _symbol_sizes(target: Optional[str]) -> dict[str, int]:
     return {symbol: getattr(t, key).opt for symbol, key in DIM_RANGES.items()}
 
 
-def _write_bench(bundle: Path, provider: str, entry: dict[str, Any]) -> Path:
-    """Merge this provider's results into OUT/bench.json via a temp file and a rename."""
-    from vlm_export.engines.build import write_atomic
+def _write_bench(bundle: Path, provider: str, entry: dict[str, Any], output: Optional[Path] = None) -> Path:
+    """Merge this provider's results into OUT/bench.json (or `output`) via a temp file and
+    a rename. The old bench.json is read through the bundle's containment check; one that
+    is broken, a symlink or a FIFO is replaced, never trusted or followed."""
+    from vlm_export.runtime.bundle_files import read_bundle_json, write_bundle_file
 
-    path = bundle / BENCH_NAME
+    folder, name = (Path(output).parent, Path(output).name) if output is not None else (Path(bundle), BENCH_NAME)
     data: dict[str, Any] = {"format_version": 1, "providers": {}}
-    if path.is_file():
+    if os.path.lexists(folder / name):
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            data.setdefault("providers", {})
-        except (OSError, json.JSONDecodeError):
-            pass  # a broken bench.json is replaced, never trusted
+            old = read_bundle_json(folder, name)
+            if isinstance(old, dict) and isinstance(old.get("providers"), dict):
+                data = old
+        except BundleError:
+            pass
     data["providers"][provider] = entry
-    write_atomic(path, (json.dumps(data, indent=2) + "\n").encode("utf-8"))
-    return path
+    return write_bundle_file(folder, name, (json.dumps(data, indent=2) + "\n").encode("utf-8"))
 
 
 def _bench_rows(bundle: Path, provider: str, batches: list[int], runs: int, variants: Optional[list[str]], sizes: dict[str, int], threads: Optional[int]) -> list[dict[str, Any]]:
@@ -164,9 +186,41 @@ def _parse_batches(text: str) -> list[int]:
         batches = [int(b) for b in text.split(",") if b.strip()]
     except ValueError:
         batches = []
-    if not batches or min(batches) < 1:
-        raise InputError(f"--batch '{text}' must be a comma list of positive integers, e.g. 1,8")
+    if not batches or min(batches) < 1 or max(batches) > MAX_BATCH:
+        raise InputError(f"--batch '{text}' must be a comma list of positive integers up to {MAX_BATCH}, e.g. 1,8")
     return batches
+
+
+def _check_ranges(runs: int, threads: Optional[int]) -> None:
+    """--runs and --threads within what a benchmark can use, before any model loads."""
+    if not 1 <= runs <= MAX_RUNS:
+        raise InputError(f"--runs must be 1..{MAX_RUNS} (got {runs})")
+    most = (os.cpu_count() or 1) * 4
+    if threads is not None and not 1 <= threads <= most:
+        raise InputError(f"--threads must be 1..{most} (4 per CPU core here; got {threads})")
+
+
+def _save(bundle: Path, provider: str, entry: dict[str, Any], output: Optional[Path]) -> None:
+    """Write bench.json (and refresh the reports) or, when the OS refuses, say so in one line."""
+    from vlm_export.runtime.bundle_files import BundleWriteError
+
+    try:
+        path = _write_bench(bundle, provider, entry, output)
+        if output is None:
+            _refresh(bundle)
+    except BundleWriteError as exc:
+        typer.echo(f"warning: measurements not saved: {exc}; pass --output FILE to save them elsewhere", err=True)
+        return
+    typer.echo(f"results written to {path}")
+
+
+def _refresh(bundle: Path) -> None:
+    try:
+        from vlm_export.report import refresh_reports
+
+        refresh_reports(bundle)
+    except ImportError:  # a runtime-only install has no matplotlib
+        typer.echo("reports not refreshed: matplotlib missing (pip install 'vlm-export[build]')", err=True)
 
 
 @_one_line_errors
@@ -177,16 +231,18 @@ def bench(
     runs: int = typer.Option(20, help="Timed runs per variant and batch size (after 3 warm-up runs)."),
     variants: Optional[str] = typer.Option(None, help="Comma list of variant keys. Defaults to every variant of the bundle."),
     target: Optional[str] = typer.Option(None, help="Size patch/sequence dims at this target's opt values. Defaults to 1024 patches, 128 tokens."),
-    threads: Optional[int] = typer.Option(None, help="Intra-op threads for onnxruntime. Defaults to onnxruntime's choice."),
+    threads: Optional[int] = typer.Option(None, help="Intra-op threads for onnxruntime (1..4 per CPU core). Defaults to onnxruntime's choice."),
+    output: Optional[Path] = typer.Option(None, "--output", help="Write the results to this JSON file instead of OUT/bench.json (the bundle stays untouched, e.g. when read-only)."),
 ) -> None:
-    """Latency p50/p90/p99 and throughput per variant on one provider; writes OUT/bench.json."""
+    """Latency p50/p90/p99 and throughput per variant on one provider; writes OUT/bench.json
+    (a read-only bundle: results printed, one warning line, exit 0)."""
     import onnxruntime as ort
     from rich.console import Console
     from rich.table import Table
 
-    if runs < 1:
-        raise InputError(f"--runs must be at least 1 (got {runs})")
-    rows = _bench_rows(bundle, provider, _parse_batches(batch), runs, _split(variants), _symbol_sizes(target), threads)
+    _check_ranges(runs, threads)
+    batches = _parse_batches(batch)
+    rows = _bench_rows(bundle, provider, batches, runs, _split(variants), _symbol_sizes(target), threads)
     table = Table(title=f"{bundle} on {provider}: {runs} runs per row")
     for col in ("component", "variant", "batch", "p50 ms", "p90 ms", "p99 ms", "items/s"):
         table.add_column(col, no_wrap=True)
@@ -196,11 +252,4 @@ def bench(
     console.print(table)
     entry = {"measured_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "onnxruntime": ort.__version__,
              "machine": f"{platform.machine()} {platform.processor() or platform.system()}", "threads": threads, "runs": runs, "results": rows}
-    path = _write_bench(bundle, provider, entry)
-    try:
-        from vlm_export.report import refresh_reports
-
-        refresh_reports(bundle)
-    except ImportError:  # a runtime-only install has no matplotlib
-        typer.echo("reports not refreshed: matplotlib missing (pip install 'vlm-export[build]')", err=True)
-    typer.echo(f"results written to {path}")
+    _save(bundle, provider, entry, output)

@@ -19,6 +19,7 @@ from typing import Any, Mapping, Sequence
 
 from vlm_export.engines.targets import Range, Target
 from vlm_export.errors import BundleError, InputError
+from vlm_export.runtime.manifest import plain_relative
 
 Dim = int | str
 
@@ -255,7 +256,7 @@ def plan(
         plans.append(EnginePlan(
             component=name, variant=key, precision=str(raw["precision"]), target=target.name,
             tensorrt=target.tensorrt, compute_capability=target.compute_capability,
-            onnx=str(raw["onnx"]), engine=f"{folder}/{name}.{key}{suffix}.plan", inputs=inputs,
+            onnx=plain_relative(raw.get("onnx"), "the bundle").as_posix(), engine=plain_relative(f"{folder}/{name}.{key}{suffix}.plan", "the bundle").as_posix(), inputs=inputs,
             strongly_typed=raw["precision"] != "fp32", workspace_mib=target.workspace_mib,
             timing_cache=f"{folder}/timing.cache", dla_core=dla_core,
         ))

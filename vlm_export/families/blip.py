@@ -228,7 +228,7 @@ class BlipFamily:
     model_types = ("blip",)
 
     def load(self, model_dir: Path) -> LoadedModel:
-        from vlm_export.families.processor_config import preprocess_config_from_processor
+        from vlm_export.families.processor_config import check_input_size, preprocess_config_from_processor
 
         config_json = read_config(model_dir)
         _check_head(model_dir, config_json)
@@ -236,6 +236,7 @@ class BlipFamily:
         processor = _image_processor(model_dir)
         tokenizer = _tokenizer(model_dir)
         preprocess = preprocess_config_from_processor(processor)
+        check_input_size(preprocess, model_dir, model.config.vision_config)
         height, width = int(preprocess["size"]["height"]), int(preprocess["size"]["width"])
         patch = int(model.config.vision_config.patch_size)
         tokens = 1 + (height // patch) * (width // patch)

@@ -26,6 +26,7 @@ import numpy as np
 from vlm_export.errors import InputError, UnsupportedModelError
 from vlm_export.families.base import ComponentSpec, LoadedModel, ParityKind, TensorSpec
 from vlm_export.families.loading import load_pretrained, load_slow_image_processor, quiet_transformers, read_config
+from vlm_export.recipes import precision_of
 
 PROMPT_TEMPLATE = "a photo of a {label}"
 
@@ -74,12 +75,14 @@ class ClipFamily:
     model_types = ("clip",)
 
     def load(self, model_dir: Path) -> LoadedModel:
-        from vlm_export.families.processor_config import preprocess_config_from_processor
+        from vlm_export.families.processor_config import check_input_size, preprocess_config_from_processor
 
         config_json = read_config(model_dir)
         _check_tokenizer_files(model_dir)
         model = load_pretrained(model_dir, "CLIPModel")
         processor = load_slow_image_processor(model_dir)
+        preprocess = preprocess_config_from_processor(processor)
+        check_input_size(preprocess, model_dir, model.config.vision_config)
         tokenizer = _load_tokenizer(model_dir)
         max_length = _max_length(model, tokenizer)
         workdir = tempfile.TemporaryDirectory(prefix="vlm-export-tok-")  # removed when `loaded` is
@@ -107,7 +110,7 @@ class ClipFamily:
             model=model,
             model_dir=model_dir,
             config=config_json,
-            preprocess=preprocess_config_from_processor(processor),
+            preprocess=preprocess,
             extra={"processor": processor, "tokenizer": tokenizer, "max_length": max_length, "workdir": workdir},
             bundle_files={TOKENIZER_FILE: tokenizer_json},
             manifest_extra={
@@ -133,7 +136,7 @@ class ClipFamily:
         import torch
 
         from vlm_export.runtime.clip import zero_shot_logits
-        from vlm_export.runtime.session import create_session
+        from vlm_export.verify.evaluation import verdict_session
 
         feed = self.sample_inputs(loaded, images)
         with torch.no_grad():
@@ -142,8 +145,8 @@ class ClipFamily:
         scale = float(loaded.manifest_extra["clip"]["logit_scale"])
         records = []
         for key in [k for k in variants.get("vision", {}) if k in variants.get("text", {})]:
-            vision = create_session(variants["vision"][key], "cpu")
-            text = create_session(variants["text"][key], "cpu")
+            vision = verdict_session(variants["vision"][key], key)
+            text = verdict_session(variants["text"][key], key)
             image_embeds = vision.run(["image_embeds"], {"pixel_values": feed["pixel_values"]})[0]
             text_embeds = text.run(["text_embeds"], {k: feed[k] for k in ("input_ids", "attention_mask")})[0]
             logits = zero_shot_logits(image_embeds, text_embeds, scale)
@@ -155,7 +158,7 @@ def _zero_shot_record(key: str, reference: np.ndarray, logits: np.ndarray, scale
     from vlm_export.runtime.clip import softmax
 
     finite = bool(np.all(np.isfinite(logits)))
-    tolerance = ZERO_SHOT_TOLERANCES[key.split("-", 1)[0]].scaled(scale)  # "int8-cpu" → int8
+    tolerance = ZERO_SHOT_TOLERANCES[precision_of(key)].scaled(scale)
     chosen = logits.argmax(-1) if finite else np.zeros(len(reference), dtype=int)
     same = reference.argmax(-1) == chosen
     tie = reference.max(-1) - reference[np.arange(len(reference)), chosen] <= tolerance["logits_max_abs"]

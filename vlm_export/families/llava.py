@@ -38,13 +38,14 @@ class LlavaFamily:
     model_types = ("llava",)
 
     def load(self, model_dir: Path) -> LoadedModel:
-        from vlm_export.families.processor_config import preprocess_config_from_processor
+        from vlm_export.families.processor_config import check_input_size, preprocess_config_from_processor
 
         config_json = read_config(model_dir)
         tower_type = _check_config(config_json, model_dir)
         model = load_pretrained(model_dir, "LlavaForConditionalGeneration")
         processor = load_slow_image_processor(model_dir)
         preprocess = preprocess_config_from_processor(processor)
+        check_input_size(preprocess, model_dir, model.config.vision_config)
         cfg = model.config
         layers = _layers(cfg.vision_feature_layer)
         tokens = _tokens_per_image(preprocess, int(cfg.vision_config.patch_size), tower_type, cfg.vision_feature_select_strategy)
@@ -102,7 +103,8 @@ class LlavaFamily:
         """Each variant against the real `get_image_features` (not the export wrapper)."""
         import torch
 
-        from vlm_export.runtime.session import create_session
+        from vlm_export.recipes import precision_of
+        from vlm_export.verify.evaluation import verdict_session
         from vlm_export.verify.metrics import compare, cosine_per_sample
         from vlm_export.verify.tolerances import default_tolerance, failures
 
@@ -118,7 +120,7 @@ class LlavaFamily:
         tokens = int(loaded.manifest_extra["llm"]["tokens_per_image"])
         records = []
         for key, path in variants.get("vision_projector", {}).items():
-            got = create_session(path, "cpu").run(["image_features"], {"pixel_values": pixel_values})[0]
+            got = verdict_session(path, key).run(["image_features"], {"pixel_values": pixel_values})[0]
             if got.shape != reference.shape or got.shape[1] != tokens:
                 metrics, reasons = {}, [f"shape {got.shape} differs from get_image_features {reference.shape} or {tokens} tokens/image"]
                 tolerance = {}
@@ -126,7 +128,7 @@ class LlavaFamily:
                 metrics = compare(reference, got, ParityKind.EMBEDDING)
                 metrics["token_cosine_min"] = float(cosine_per_sample(reference.reshape(-1, reference.shape[-1]),
                                                                       got.reshape(-1, got.shape[-1])).min())
-                tol = default_tolerance(key.split("-", 1)[0], ParityKind.EMBEDDING, metrics["scale"])
+                tol = default_tolerance(precision_of(key), ParityKind.EMBEDDING, metrics["scale"])
                 reasons, tolerance = failures(metrics, tol), tol.to_json()
             records.append({"name": "get_image_features", "variant": key, "metrics": metrics, "tolerance": tolerance,
                             "passed": not reasons, "failures": reasons, "samples": int(reference.shape[0])})

@@ -12,9 +12,10 @@ transformers itself.
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import Any, Mapping
 
-from vlm_export.errors import BundleError, UnsupportedModelError
+from vlm_export.errors import BundleError, InputError, UnsupportedModelError
 from vlm_export.runtime.preprocess import RESAMPLE, SIZE_KEYS, ImagePreprocessConfig
 
 _RESAMPLE_BY_NUMBER = {int(v): k for k, v in RESAMPLE.items()}
@@ -24,6 +25,10 @@ _PIPELINE_METHODS = ("preprocess", "_preprocess", "_preprocess_image_like_inputs
                      "resize", "center_crop", "rescale", "normalize", "convert_to_rgb")
 _STANDARD_MODULES = ("transformers.image_processing_backends", "transformers.image_processing_utils",
                      "transformers.image_processing_base")
+# A model that interpolates its position embeddings (DINOv2) takes crops up to this many
+# times its config's image_size per side; beyond that the export and every parity run
+# allocate (side/patch)^4 attention scores for sizes the model was never meant to see.
+MAX_INTERPOLATION = 2
 
 
 def preprocess_config_from_processor(processor: Any) -> dict[str, Any]:
@@ -131,3 +136,70 @@ def _input_name(processor: Any) -> str:
     names = list(getattr(processor, "model_input_names", None) or ["pixel_values"])
     return str(names[0])
 
+
+
+def processor_file(model_dir: Path) -> Path:
+    """The file the image processor was read from, for messages.
+
+    Why two names: transformers 5 `Processor.save_pretrained` writes the image processor
+    into processor_config.json only; hub checkpoints carry preprocessor_config.json.
+    """
+    preprocessor = model_dir / "preprocessor_config.json"
+    combined = model_dir / "processor_config.json"
+    return combined if combined.is_file() and not preprocessor.is_file() else preprocessor
+
+
+def check_input_size(preprocess: Mapping[str, Any], model_dir: Path, vision_config: Any, interpolates: bool = False) -> None:
+    """Refuse a processor whose output size the model cannot take, before any export.
+
+    Why here: a ViT/CLIP/BLIP tower has one position embedding per patch of its config's
+    image_size, so a processor that crops to another size fails deep inside torch.export
+    (a 266-line traceback), and an absurd size (50000x50000) runs out of memory while
+    preprocessing. `interpolates` is for models that resize their position embeddings
+    (DINOv2: image_size 518, crops of 224): any size from one patch up to
+    MAX_INTERPOLATION x image_size per side is accepted.
+    """
+    source = processor_file(model_dir)
+    expected = _pair(getattr(vision_config, "image_size"))
+    patch = int(getattr(vision_config, "patch_size", 1))
+    given = _input_hw(preprocess)
+    wanted = f"{expected[0]}x{expected[1]}"
+    if given is None:
+        raise InputError(
+            f"'{source}' resizes images to size={dict(preprocess.get('size') or {})} without a center crop, so they reach "
+            f"the model at varying sizes; the model takes {wanted} pixels (config.json image_size): set crop_size or "
+            f"size to {{\"height\": {expected[0]}, \"width\": {expected[1]}}}"
+        )
+    verb = "crops" if preprocess.get("do_center_crop") else "resizes"
+    shown = f"{given[0]}x{given[1]}"
+    if not interpolates and given != expected:
+        raise InputError(
+            f"'{source}' {verb} images to {shown} but config.json's image_size is {wanted}, and the model's position "
+            f"embeddings only fit {wanted}: set crop_size/size to {wanted} in '{source.name}' "
+            "(save the image processor that came with these weights)"
+        )
+    limit = (expected[0] * MAX_INTERPOLATION, expected[1] * MAX_INTERPOLATION)
+    if interpolates and not (patch <= given[0] <= limit[0] and patch <= given[1] <= limit[1]):
+        raise InputError(
+            f"'{source}' {verb} images to {shown} but config.json's image_size is {wanted}; this model interpolates its "
+            f"position embeddings from {patch}x{patch} (one patch) up to {limit[0]}x{limit[1]}: set crop_size/size "
+            f"within that range in '{source.name}'"
+        )
+
+
+def _input_hw(preprocess: Mapping[str, Any]) -> tuple[int, int] | None:
+    """(height, width) of what the processor hands the model; None when it varies per image."""
+    crop = preprocess.get("crop_size") or {}
+    if preprocess.get("do_center_crop") and "height" in crop and "width" in crop:
+        return int(crop["height"]), int(crop["width"])
+    size = preprocess.get("size") or {}
+    if preprocess.get("do_resize") and "height" in size and "width" in size:
+        return int(size["height"]), int(size["width"])
+    return None
+
+
+def _pair(value: Any) -> tuple[int, int]:
+    """A config's image_size: one int for square images, or (height, width)."""
+    if isinstance(value, (list, tuple)):
+        return int(value[0]), int(value[-1])
+    return int(value), int(value)

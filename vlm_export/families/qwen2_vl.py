@@ -17,11 +17,11 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from vlm_export.errors import BundleError, UnsupportedModelError
+from vlm_export.errors import BundleError, InputError, UnsupportedModelError
 from vlm_export.families.base import ComponentSpec, LoadedModel, ParityKind, TensorSpec
 from vlm_export.families.loading import load_pretrained, load_slow_image_processor, read_config
 from vlm_export.runtime.preprocess import RESAMPLE
-from vlm_export.runtime.qwen2_vl import PatchRange, Qwen2VLPreprocessConfig, vision_feed
+from vlm_export.runtime.qwen2_vl import PatchRange, Qwen2VLPreprocessConfig, Qwen2VLPreprocessor, vision_feed
 
 # (width, height) of the per-resolution parity check: square, 4:3 both ways, large, tall, wide.
 PARITY_SIZES: tuple[tuple[int, int], ...] = ((224, 224), (448, 336), (640, 480), (896, 896), (280, 1120), (1120, 280))
@@ -128,6 +128,24 @@ def _config(processor: Any, resample: str, mean: Any, std: Any) -> Qwen2VLPrepro
     )
 
 
+def check_images(preprocess: Mapping[str, Any], images: Sequence[Any]) -> None:
+    """Refuse, before any is processed, an image that the runtime's resize rule refuses.
+
+    Why the runtime's rule (`Qwen2VLPreprocessor.target_size`): transformers' processor
+    raises a bare ValueError deep in the build for an image beyond 200:1 (a 5000x1 strip),
+    while `vlm-export run` refuses the same image in one line; one rule gives one answer.
+    Why refuse rather than skip: the bundle cannot serve that image either, and a skipped
+    parity image would still be listed as a sample in parity.json.
+    """
+    preprocessor = Qwen2VLPreprocessor(Qwen2VLPreprocessConfig.from_dict(preprocess))
+    for image in images:
+        try:
+            preprocessor.target_size(image.height, image.width)
+        except InputError as exc:
+            name = image.info.get("filename") or f"that {image.width}x{image.height} image"
+            raise InputError(f"--parity-images/--calibration: {exc} (or remove {name} from the folder)") from None
+
+
 def example_grids(count: int, merge_size: int) -> np.ndarray:
     """`count` images of different grids: the export and check feeds (patch axis grows with count)."""
     return np.array([[1, merge_size * (2 + i), merge_size * (3 + i % 2)] for i in range(count)], dtype=np.int64)
@@ -197,6 +215,7 @@ class Qwen2VLFamily:
 
     def sample_inputs(self, loaded: LoadedModel, images: Sequence[Any]) -> dict[str, list[np.ndarray]]:
         """Ragged samples: one feed per image (each has its own number of patches)."""
+        check_images(loaded.preprocess, images)
         samples: dict[str, list[np.ndarray]] = {}
         for image in images:
             feed, _ = self.image_inputs(loaded, image)
@@ -224,11 +243,12 @@ def resolution_parity(
     import torch
     from PIL import Image
 
-    from vlm_export.runtime.session import create_session
+    from vlm_export.recipes import precision_of
+    from vlm_export.verify.evaluation import verdict_session
     from vlm_export.verify.metrics import compare
     from vlm_export.verify.tolerances import default_tolerance, failures
 
-    sessions = {key: create_session(path, "cpu") for key, path in paths.items()}
+    sessions = {key: verdict_session(path, key) for key, path in paths.items()}
     records = []
     for index, (width, height) in enumerate(sizes):
         image = images[index % len(images)].convert("RGB").resize((width, height), Image.Resampling.BICUBIC)
@@ -238,7 +258,7 @@ def resolution_parity(
         reference = out.pooler_output[0].float().numpy()
         for key, session in sessions.items():
             got = session.run(["image_features"], feed)[0]
-            precision = key.split("-")[0]  # "int8-cpu" is an int8 variant
+            precision = precision_of(key)
             if got.shape != reference.shape:
                 metrics, tol = {}, default_tolerance(precision, ParityKind.EMBEDDING, 1.0)
                 reasons = [f"shape {got.shape} != PyTorch {reference.shape}"]

@@ -26,11 +26,18 @@ class _Head:
     output_names: tuple[str, ...]
     parity_output: str
     parity_kind: ParityKind
+    # Checkpoint keys (regexes) that may be absent or extra without making the export random.
+    optional_keys: tuple[str, ...] = ()
+    # Whether the model interpolates its position embeddings to other image sizes.
+    interpolates_positions: bool = False
 
 
 _HEADS: dict[str, _Head] = {
     "vit": _Head("ViTForImageClassification", ("logits",), "logits", ParityKind.LOGITS),
-    "dinov2": _Head("Dinov2Model", ("last_hidden_state", "pooler_output"), "pooler_output", ParityKind.EMBEDDING),
+    # mask_token is read only with `bool_masked_pos` (masked-image pretraining), never by the
+    # exported forward; DINOv2's position embeddings are interpolated to any crop size.
+    "dinov2": _Head("Dinov2Model", ("last_hidden_state", "pooler_output"), "pooler_output", ParityKind.EMBEDDING,
+                    optional_keys=(r"^embeddings\.mask_token$",), interpolates_positions=True),
 }
 
 
@@ -78,12 +85,14 @@ class VitFamily:
     model_types = tuple(_HEADS)
 
     def load(self, model_dir: Path) -> LoadedModel:
-        from vlm_export.families.processor_config import preprocess_config_from_processor
+        from vlm_export.families.processor_config import check_input_size, preprocess_config_from_processor
 
         config_json = _read_model_type_config(model_dir)
         head = _HEADS[config_json["model_type"]]
-        model = load_pretrained(model_dir, head.architecture)
+        model = load_pretrained(model_dir, head.architecture, head.optional_keys)
         processor = load_slow_image_processor(model_dir)
+        preprocess = preprocess_config_from_processor(processor)
+        check_input_size(preprocess, model_dir, model.config, head.interpolates_positions)
         labels = None
         id2label = getattr(model.config, "id2label", None)
         if head.parity_kind is ParityKind.LOGITS and id2label:
@@ -93,7 +102,7 @@ class VitFamily:
             model=model,
             model_dir=model_dir,
             config=config_json,
-            preprocess=preprocess_config_from_processor(processor),
+            preprocess=preprocess,
             labels=labels,
             extra={"processor": processor, "head": head},
         )

@@ -118,10 +118,22 @@ def to_int8_qdq(
     return out_path
 
 
-def to_int8_cpu(fp32_path: Path, out_path: Path, nodes_to_exclude: tuple[str, ...] = ()) -> Path:
+def to_int8_cpu(
+    fp32_path: Path, out_path: Path, nodes_to_exclude: tuple[str, ...] = (), reduce_range: bool = True, unsigned_weights: bool = False
+) -> Path:
     """Dynamic INT8 of the MatMul weights (per-channel), activations quantized per run.
 
     GELU and attention are fused for the CPU provider first (see cpu_fusions).
+
+    Why `reduce_range` (weights in [-64, 64]): activations are quantized to u8 at run time
+    and onnxruntime's x86 U8S8 kernels without VNNI (AVX2 `vpmaddubsw`) add two u8·s8
+    products into a saturating int16; with full-range weights 255·127·2 overflows and the
+    result depends on the CPU (issue 13: cosine 0.986 on AVX2, 0.999 on AVX-512 VNNI).
+    With 7-bit weights 255·64·2 = 32640 fits, so every CPU (AVX2, AVX-512 VNNI, AMX,
+    ARM dot-product) computes the same exact integer sums. This is onnxruntime's own
+    advice for x86 without VNNI; U8U8 would also be exact but leaves VNNI's u8·s8 path.
+    `reduce_range=False` / `unsigned_weights=True` exist for benchmarks/bench_int8_cpu_recipes.py,
+    which measures those alternatives; the shipped recipe is the default.
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -135,7 +147,8 @@ def to_int8_cpu(fp32_path: Path, out_path: Path, nodes_to_exclude: tuple[str, ..
             str(out_path),
             op_types_to_quantize=["MatMul"],
             per_channel=True,
-            weight_type=QuantType.QInt8,
+            reduce_range=reduce_range,
+            weight_type=QuantType.QUInt8 if unsigned_weights else QuantType.QInt8,
             nodes_to_exclude=list(nodes_to_exclude),
         )
     return out_path

@@ -19,6 +19,7 @@ import numpy as np
 
 from vlm_export.quantize.config import CalibrationMethod, Int8Config
 from vlm_export.quantize.guard import run_output
+from vlm_export.recipes import Evaluation
 from vlm_export.quantize.int8 import to_int8_qdq
 from vlm_export.quantize.reader import FeedReader, batched_feeds
 from vlm_export.verify.metrics import cosine_per_sample
@@ -40,7 +41,7 @@ def choose_method(
             start = time.perf_counter()
             to_int8_qdq(fp32_path, path, FeedReader(batched_feeds(subset, 8)), replace(config, method=method))
             seconds = time.perf_counter() - start
-            cos = cosine_per_sample(reference, run_output(path, check_feed, output))
+            cos = cosine_per_sample(reference, run_output(path, check_feed, output, Evaluation.FLOAT_QDQ))
             results[method.value] = {"cosine_min": float(cos.min()), "cosine_mean": float(cos.mean()), "seconds": seconds}
     chosen = max(results, key=lambda m: (results[m]["cosine_min"], results[m]["cosine_mean"]))
     return {"results": results, "chosen": chosen, "samples": len(next(iter(subset.values())))}

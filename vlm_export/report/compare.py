@@ -8,7 +8,6 @@ the gate runs with the runtime install only.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,23 +72,37 @@ class BundleDiff:
         return list(dict.fromkeys(seen))
 
 
-def _read_parity(bundle: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    path = bundle / str(manifest.get("parity", {}).get("file", "parity.json"))
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"'{path}' is missing or not valid JSON ({type(exc).__name__}); rebuild the bundle") from None
-    if not isinstance(data, dict) or not isinstance(data.get("records"), list):
-        raise BundleError(f"'{path}' has no 'records' list; rebuild the bundle")
-    return data
+def verified_manifest(bundle: Path) -> Any:
+    """The bundle's Manifest after every variant's file (and external data) matched its
+    sha256: a comparison of tampered files would gate CI on numbers nobody built."""
+    from vlm_export.runtime.manifest import check_external_data, read_manifest, verify_file
+
+    manifest = read_manifest(Path(bundle))
+    for name in manifest.components:
+        for variant in manifest.variants(name).values():
+            verify_file(variant)
+            check_external_data(variant)
+    return manifest
 
 
-def load_snapshots(bundle: Path) -> tuple[bool | None, dict[tuple[str, str], Snapshot]]:
-    """(overall verdict, {(component, variant): Snapshot}) of a finished bundle."""
+def check_comparable(a: Any, b: Any) -> None:
+    """Refuse two bundles of different families or component sets: their numbers do not compare."""
+    if a.family != b.family:
+        raise InputError(f"cannot compare a '{a.family}' bundle ('{a.root}') with a '{b.family}' bundle ('{b.root}'); compare two builds of one model family")
+    if set(a.components) != set(b.components):
+        raise InputError(f"cannot compare bundles with different components ({', '.join(sorted(a.components))} vs {', '.join(sorted(b.components))})")
+
+
+def load_snapshots(bundle: Path, manifest_obj: Any = None) -> tuple[bool | None, dict[tuple[str, str], Snapshot]]:
+    """(overall verdict, {(component, variant): Snapshot}) of a finished bundle.
+
+    `manifest_obj` is the bundle's already verified Manifest. Defaults to reading it.
+    """
+    from vlm_export.report.write import read_parity
     from vlm_export.runtime.manifest import read_manifest
 
-    manifest = read_manifest(Path(bundle)).data
-    parity = _read_parity(Path(bundle), manifest)
+    manifest = (manifest_obj or read_manifest(Path(bundle))).data
+    parity = read_parity(Path(bundle), manifest)
     snaps = {}
     for rec in parity["records"]:
         try:
@@ -126,11 +139,14 @@ def _regressions(a: Snapshot, b: Snapshot, t: Thresholds) -> tuple[str, ...]:
 def compare_bundles(a: Path, b: Path, thresholds: Thresholds | None = None) -> BundleDiff:
     """Every variant of either bundle, A (before) against B (after), regressions flagged.
 
-    A variant present in only one bundle is listed, not counted as a regression.
+    A variant present in only one bundle is listed, not counted as a regression. Both
+    bundles' checksums are verified first, and they must share family and components.
     """
     thresholds = thresholds or Thresholds()
-    verdict_a, snaps_a = load_snapshots(a)
-    verdict_b, snaps_b = load_snapshots(b)
+    manifest_a, manifest_b = verified_manifest(a), verified_manifest(b)
+    check_comparable(manifest_a, manifest_b)
+    verdict_a, snaps_a = load_snapshots(a, manifest_a)
+    verdict_b, snaps_b = load_snapshots(b, manifest_b)
     changes = []
     for key in dict.fromkeys([*snaps_a, *snaps_b]):
         before, after = snaps_a.get(key), snaps_b.get(key)

@@ -126,5 +126,6 @@ def write_html(
     plots: Mapping[str, bytes] | None = None,
 ) -> Path:
     """Write report.html; pass `plots` to reuse PNGs already made for report.md."""
-    Path(path).write_text(render_html(manifest, parity, bench, plots), encoding="utf-8")
-    return Path(path)
+    from vlm_export.runtime.bundle_files import write_bundle_file
+
+    return write_bundle_file(Path(path).parent, Path(path).name, render_html(manifest, parity, bench, plots).encode("utf-8"))

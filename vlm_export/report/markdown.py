@@ -122,5 +122,7 @@ def write_report(
     bench: dict[str, Any] | None = None,
     plots: Mapping[str, str] | None = None,
 ) -> Path:
-    path.write_text(render(manifest, parity, bench, plots), encoding="utf-8")
-    return path
+    """Write report.md at `path`; a symlink there is replaced, never followed."""
+    from vlm_export.runtime.bundle_files import write_bundle_file
+
+    return write_bundle_file(Path(path).parent, Path(path).name, render(manifest, parity, bench, plots).encode("utf-8"))

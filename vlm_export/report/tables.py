@@ -91,11 +91,25 @@ def parity_table(parity: dict[str, Any]) -> Table:
                 Cell(fmt(m.get("mean_abs"))),
                 _against(m.get("top1_agreement"), tol.get("top1_agreement"), upper=False, digits=4),
                 Cell(fmt(rec.get("samples"))),
+                Cell(rec.get("evaluation", "ort-cpu")),
+                Cell(fmt(rec.get("beside", {}).get("ort_cpu_kernels", {}).get("cosine_min"), 6)),
                 Cell("; ".join(rec.get("failures", [])) or DASH, Status.FAIL if rec.get("failures") else Status.PLAIN),
             )
         )
-    header = ("component", "variant", "precision", "verdict", "cos min (tol)", "cos mean", "max abs (tol)", "mean abs", "top-1 (tol)", "samples", "reasons")
-    return Table("Parity against PyTorch FP32", header, tuple(rows))
+    header = ("component", "variant", "precision", "verdict", "cos min (tol)", "cos mean", "max abs (tol)", "mean abs", "top-1 (tol)",
+              "samples", "judged with", "cos min on ORT CPU int kernels (not judged)", "reasons")
+    return Table("Parity against PyTorch FP32", header, tuple(rows), note=_verdict_note(parity.get("machine")))
+
+
+def _verdict_note(machine: Any) -> str:
+    """Which CPU the verdicts were computed on, and what "judged with" means."""
+    where = ""
+    if isinstance(machine, dict) and machine.get("model"):
+        isa = ", ".join(str(f) for f in machine.get("isa", [])) or "no INT8 dot-product flags"
+        where = f"Verdicts computed on {machine['model']} ({machine.get('arch', '?')}; {isa}; onnxruntime {machine.get('onnxruntime', '?')}). "
+    return (where + "judged with: ort-cpu = onnxruntime's CPU kernels (the int8-cpu recipe's 7-bit weights make them exact on "
+            "every CPU); float-qdq = Q/DQ evaluated in float, as TensorRT's explicit quantization computes, independent of this "
+            "CPU. The last figure is the QDQ graph on this CPU's integer kernels, reported only.")
 
 
 def latency_table(parity: dict[str, Any]) -> Table:

@@ -7,31 +7,42 @@ the same inputs, so the two reports never disagree with each other or with the p
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from vlm_export.errors import BundleError
-from vlm_export.report.html import write_html
-from vlm_export.report.markdown import write_report
+from vlm_export.report.html import render_html
+from vlm_export.report.markdown import render
 from vlm_export.report.plots import PLOT_FILES, all_plots
 from vlm_export.report.tables import bench_sets
+from vlm_export.runtime.bundle_files import read_bundle_json, remove_bundle_files, write_bundle_file
 
 PLOTS_DIR = "plots"
 BENCH_NAME = "bench.json"
+PARITY_NAME = "parity.json"
 
 
 def read_bench(bundle_dir: Path) -> dict[str, Any] | None:
-    """bundle_dir/bench.json, or None when the bundle was never benchmarked."""
-    path = Path(bundle_dir) / BENCH_NAME
-    if not path.is_file():
+    """bundle_dir/bench.json, or None when the bundle was never benchmarked.
+
+    Read through the bundle's containment check: a bench.json that is a symlink out of
+    the bundle, a FIFO or a huge file is refused rather than copied into the reports.
+    """
+    if not (Path(bundle_dir) / BENCH_NAME).is_symlink() and not (Path(bundle_dir) / BENCH_NAME).exists():
         return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"'{path}' is not valid JSON ({exc}); rerun `vlm-export bench` or delete it") from None
+    data = read_bundle_json(Path(bundle_dir), BENCH_NAME)
     if not isinstance(data, dict) or not bench_sets(data):
-        raise BundleError(f"'{path}' holds no benchmark results; rerun `vlm-export bench` or delete it")
+        raise BundleError(f"'{Path(bundle_dir) / BENCH_NAME}' holds no benchmark results; rerun `vlm-export bench` or delete it")
+    return data
+
+
+def read_parity(bundle_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The bundle's parity.json (the manifest's `parity.file`), contained and regular,
+    with a `records` list. Shared by the report refresh and `compare`."""
+    name = str((manifest.get("parity") or {}).get("file", PARITY_NAME))
+    data = read_bundle_json(Path(bundle_dir), name)
+    if not isinstance(data, dict) or not isinstance(data.get("records"), list):
+        raise BundleError(f"'{Path(bundle_dir) / name}' has no 'records' list; rebuild the bundle")
     return data
 
 
@@ -41,22 +52,18 @@ def write_reports(
     """Write report.md, report.html and plots/*.png into the bundle folder; returns their paths.
 
     `bench` defaults to the folder's bench.json when one exists. Old plots are removed
-    first so a rerun never leaves a stale PNG that the reports no longer describe.
+    first so a rerun never leaves a stale PNG that the reports no longer describe. Every
+    write goes through `write_bundle_file`: a symlinked report.md or plots/ is never
+    followed.
     """
     root = Path(bundle_staging_dir)
     bench = read_bench(root) if bench is None else bench
     plots = all_plots(parity, bench)
-    plot_dir = root / PLOTS_DIR
-    plot_dir.mkdir(parents=True, exist_ok=True)
-    for stale in plot_dir.glob("*.png"):
-        stale.unlink()
-    written = []
-    for name, png in plots.items():
-        (plot_dir / name).write_bytes(png)
-        written.append(plot_dir / name)
+    remove_bundle_files(root, PLOTS_DIR, ".png")
+    written = [write_bundle_file(root, f"{PLOTS_DIR}/{name}", png) for name, png in plots.items()]
     captions = {f"{PLOTS_DIR}/{name}": PLOT_FILES[name] for name in plots}
-    md = write_report(root / "report.md", manifest, parity, bench, captions)
-    page = write_html(root / "report.html", manifest, parity, bench, plots)
+    md = write_bundle_file(root, "report.md", render(manifest, parity, bench, captions).encode("utf-8"))
+    page = write_bundle_file(root, "report.html", render_html(manifest, parity, bench, plots).encode("utf-8"))
     return [md, page, *written]
 
 
@@ -65,9 +72,4 @@ def refresh_reports(bundle_dir: Path) -> list[Path]:
     from vlm_export.runtime.manifest import read_manifest
 
     manifest = read_manifest(bundle_dir).data
-    path = Path(bundle_dir) / manifest.get("parity", {}).get("file", "parity.json")
-    try:
-        parity = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"'{path}' is missing or not valid JSON ({exc}); rebuild the bundle") from None
-    return write_reports(Path(bundle_dir), manifest, parity)
+    return write_reports(Path(bundle_dir), manifest, read_parity(Path(bundle_dir), manifest))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import struct
 from pathlib import Path
 from typing import Callable, Union
@@ -93,6 +94,7 @@ def iter_image_files(folder: str | os.PathLike, decode: bool = False) -> tuple[l
             skipped.append(f"'{path}': is a folder (folders are not searched)")
             continue
         try:
+            _check_path(path)  # a FIFO or device would block the reader: skipped, never opened
             load_image(path) if decode else _open_header(path)
         except InputError as exc:
             skipped.append(str(exc))
@@ -111,11 +113,21 @@ def _open_header(path: Path) -> None:
 
 
 def _check_path(path: Path) -> Path:
-    """Turn the common path mistakes into their own messages before Pillow sees them."""
-    if not path.exists():
-        raise InputError(f"cannot read image '{path}': no such file; check the path")
-    if path.is_dir():
+    """Turn the common path mistakes into their own messages before Pillow sees them.
+
+    Only regular files are opened: a FIFO blocks its reader until a writer appears, and
+    a device (/dev/zero) never ends.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise InputError(f"cannot read image '{path}': no such file; check the path") from None
+    except OSError as exc:
+        raise InputError(f"cannot read image '{path}': {exc.strerror or exc}; check the path") from None
+    if stat.S_ISDIR(mode):
         raise InputError(f"cannot read image '{path}': is a folder; {_HINT}")
+    if not stat.S_ISREG(mode):
+        raise InputError(f"cannot read image '{path}': not a regular file (a FIFO or device?); {_HINT}")
     return path
 
 

@@ -186,6 +186,22 @@ def _model_class(family: str) -> type[BundleModel] | None:
         raise
 
 
+_WARNED: set[tuple[str, str, str]] = set()
+
+
+def _warn_int8_cpu_once(manifest: Manifest, name: str, chosen: Variant) -> None:
+    """One warning per (bundle, component, variant) when its verdict does not cover this CPU."""
+    from vlm_export.runtime.cpu import cpu_info, int8_cpu_warning
+
+    parity = manifest.data.get("parity")
+    verdict_cpu = parity.get("verdict_cpu") if isinstance(parity, dict) else None
+    message = int8_cpu_warning(chosen.recipe, verdict_cpu if isinstance(verdict_cpu, dict) else None, cpu_info())
+    key = (str(manifest.root.resolve()), name, chosen.key)
+    if message and key not in _WARNED:
+        _WARNED.add(key)
+        log.warning("%s/%s: %s", name, chosen.key, message)
+
+
 def load(
     bundle: str | Path,
     precision: str = "fp32",
@@ -217,5 +233,7 @@ def load(
         check_external_data(chosen)
         if chosen.parity_passed is False:
             log.warning("variant %s/%s failed parity at build time (see parity.json)", name, chosen.key)
+        if prov is Provider.CPU and chosen.precision == "int8":
+            _warn_int8_cpu_once(manifest, name, chosen)
         runners[name] = _runner(manifest, name, chosen, prov, threads, target)
     return model_class(manifest, runners, prov)

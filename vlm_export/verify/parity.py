@@ -13,6 +13,7 @@ from typing import Any, Callable
 import numpy as np
 
 from vlm_export.families.base import ComponentSpec, ParityKind, Tolerance
+from vlm_export.recipes import Evaluation
 from vlm_export.verify.metrics import compare, cosine_per_sample, pad_stack
 from vlm_export.verify.tolerances import default_tolerance, failures
 
@@ -32,6 +33,11 @@ class ParityRecord:
     failures: list[str]
     latency: dict[str, dict[str, float]] = field(default_factory=dict)
     per_sample: dict[str, list[float]] = field(default_factory=dict)  # parity output: "cosine", "max_abs"
+    # How the variant's outputs were computed for the verdict (recipes.Evaluation), and
+    # metrics of other evaluation paths reported beside it, never judged (e.g. the QDQ
+    # graph on this CPU's onnxruntime integer kernels: "ort_cpu_kernels").
+    evaluation: str = Evaluation.ORT_CPU.value
+    beside: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -60,6 +66,7 @@ def evaluate(
     reference: dict[str, np.ndarray],
     outputs: dict[str, np.ndarray],
     tolerance: Tolerance | None = None,
+    evaluation: Evaluation = Evaluation.ORT_CPU,
 ) -> ParityRecord:
     """Compare a variant's outputs with the reference; the parity output decides the verdict."""
     per_output = {
@@ -92,5 +99,6 @@ def evaluate(
         tolerance=tol.to_json(),
         passed=not reasons,
         failures=reasons,
+        evaluation=evaluation.value,
     )
 

@@ -1,0 +1,119 @@
+"""What the FP16 and INT8 recipes leave in float, read from the graphs of a built bundle.
+
+FP16 keeps LayerNormalization and Softmax in FP32 (their reductions overflow or lose the
+small probabilities in half precision); the QDQ graph leaves attention's
+activation×activation MatMuls (Q·Kᵀ, P·V) unquantized (quantize/int8.py:
+activation_matmuls). Both are decisions the parity numbers rest on, checked here on the
+tiny ViT's real graphs rather than inferred from the parity values.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+FLOAT, FLOAT16 = 1, 10
+
+
+def _sorted(model):  # noqa: ANN001, ANN202 - onnx.ModelProto
+    """A copy with nodes in topological order and no stored value_info (types re-inferred)."""
+    import onnx
+
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    known = {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer} | {""}
+    pending, ordered = list(model.graph.node), []
+    while pending:
+        ready = next(n for n in pending if all(i in known for i in n.input))
+        ordered.append(ready)
+        known |= set(ready.output)
+        pending.remove(ready)
+    del model.graph.node[:]
+    model.graph.node.extend(ordered)
+    del model.graph.value_info[:]
+    return model
+
+
+def _types(model) -> dict[str, int]:  # noqa: ANN001
+    """Element type of every tensor, by ONNX's strict type inference."""
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(_sorted(model), check_type=True, strict_mode=True)
+    graph = inferred.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input, *graph.output]}
+    types.update({t.name: t.data_type for t in graph.initializer})
+    return types
+
+
+def _load(bundle: Path, key: str):  # noqa: ANN202
+    import onnx
+
+    return onnx.load(str(bundle / "vision" / f"vision.{key}.onnx"))
+
+
+def test_fp16_keeps_layernorm_and_softmax_in_fp32(vit_bundle: Path) -> None:
+    model = _load(vit_bundle, "fp16")
+    types = _types(model)
+    kept = [n for n in model.graph.node if n.op_type in ("LayerNormalization", "Softmax")]
+    assert sorted(n.op_type for n in kept) == ["LayerNormalization"] * 5 + ["Softmax"] * 2  # 2 layers + final norm
+    for node in kept:
+        assert [types[t] for t in node.input if t] == [FLOAT] * len([t for t in node.input if t]), node.name
+        assert [types[t] for t in node.output[:1]] == [FLOAT], node.name
+    # ...while the matrix products really run in half precision (the conversion happened).
+    products = [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm", "Conv")]
+    assert len(products) == 18
+    assert all(types[n.output[0]] == FLOAT16 for n in products), [n.name for n in products if types[n.output[0]] != FLOAT16]
+    # The graph keeps the manifest's float32 interface.
+    assert [types[i.name] for i in model.graph.input] == [types[o.name] for o in model.graph.output] == [FLOAT]
+
+
+@pytest.mark.xfail(strict=True, reason="bug: the fp16 graph fails onnx.checker (full_check): its nodes are not "
+                   "topologically sorted (the inserted Casts come last) and a stale value_info says the LayerNorm "
+                   "weight is float16 while the initializer is float32")
+def test_fp16_graph_is_valid_onnx(vit_bundle: Path) -> None:
+    import onnx
+
+    onnx.checker.check_model(_load(vit_bundle, "fp16"), full_check=True)
+
+
+def _activation_matmuls(model) -> tuple[list, list]:  # noqa: ANN001, ANN202
+    """(activation×activation MatMuls, weight MatMuls), tracing each operand through a
+    DequantizeLinear to see whether it is a constant."""
+    constants = {t.name for t in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+
+    def constant(name: str) -> bool:
+        node = producer.get(name)
+        if node is not None and node.op_type == "DequantizeLinear":
+            return constant(node.input[0])
+        if node is not None and node.op_type == "QuantizeLinear":
+            return constant(node.input[0])
+        return name in constants or (node is not None and node.op_type == "Constant")
+
+    matmuls = [n for n in model.graph.node if n.op_type == "MatMul"]
+    both_activations = [n for n in matmuls if not any(constant(i) for i in n.input)]
+    return both_activations, [n for n in matmuls if n not in both_activations]
+
+
+def test_qdq_leaves_attention_matmuls_float(vit_bundle: Path) -> None:
+    model = _load(vit_bundle, "int8")
+    producer = {o: n.op_type for n in model.graph.node for o in n.output}
+    attention, weights = _activation_matmuls(model)
+    assert len(attention) == 4  # Q·Kᵀ and P·V in each of the 2 layers
+    for node in attention:
+        assert [producer.get(i) for i in node.input].count("DequantizeLinear") == 0, (node.name, list(node.input))
+    # The other MatMuls (all weight products; the guard kept none float here) are quantized.
+    assert len(weights) == 12
+    for node in weights:
+        assert [producer.get(i) for i in node.input] == ["DequantizeLinear", "DequantizeLinear"], node.name
+    types = _types(model)
+    assert all(types[i] == FLOAT for n in attention for i in n.input)
+
+
+def test_activation_matmuls_names_the_same_nodes(vit_bundle: Path) -> None:
+    """The quantizer's own finder agrees with the graph: the fp32 graph's activation
+    MatMuls are exactly the ones left float in the QDQ graph."""
+    from vlm_export.quantize.int8 import activation_matmuls
+
+    attention, _ = _activation_matmuls(_load(vit_bundle, "int8"))
+    assert sorted(activation_matmuls(vit_bundle / "vision" / "vision.fp32.onnx")) == sorted(n.name for n in attention)

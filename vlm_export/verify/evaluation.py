@@ -1,0 +1,43 @@
+"""Sessions that compute a variant's verdict the way its target computes it.
+
+Why not simply "the CPU session": the TensorRT-bound QDQ graph run through this
+machine's onnxruntime CPU kernels gives a number that depends on the machine (VNNI or
+not) and on nothing TensorRT does. A verdict must transfer to the device, so the QDQ
+variant is judged with Q/DQ evaluated in float (`Evaluation.FLOAT_QDQ`); the
+integer-kernel result may be reported beside it, labelled, never as the verdict.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from vlm_export.recipes import Evaluation, recipe
+
+
+def ort_cpu_session(model: "Path | str | Any", evaluation: Evaluation = Evaluation.ORT_CPU) -> Any:
+    """A CPU InferenceSession over an ONNX file or ModelProto, for `evaluation`.
+
+    FLOAT_QDQ turns every graph optimisation off: no QDQ fusion into QLinear/integer
+    kernels, no S8→U8 rewrite, so each DequantizeLinear feeds a float MatMul.
+    """
+    import onnxruntime as ort
+
+    source = str(model) if isinstance(model, (str, Path)) else model.SerializeToString()
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_DISABLE_ALL if evaluation is Evaluation.FLOAT_QDQ
+        else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    )
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def verdict_session(model: "Path | str | Any", variant_key: str) -> Any:
+    """The session whose outputs decide `variant_key`'s parity verdict."""
+    return ort_cpu_session(model, recipe(variant_key).evaluation)
+
+
+def integer_kernel_session(model: "Path | str | Any") -> Any:
+    """The same graph on this CPU's onnxruntime integer kernels (reported, not judged)."""
+    return ort_cpu_session(model, Evaluation.ORT_CPU)
