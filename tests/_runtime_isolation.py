@@ -22,9 +22,13 @@ import textwrap
 from dataclasses import dataclass
 from typing import Any
 
-# Packages only the build side needs (DESIGN.md: the runtime imports numpy, onnxruntime,
+# Packages only the build side needs (README.md: the runtime imports numpy, onnxruntime,
 # pillow, tokenizers only).
 BUILD_SIDE = ("torch", "transformers", "onnx", "optimum", "onnxscript", "torchvision", "onnxconverter_common")
+# Packages only the command line needs (typer vendors click as typer._click; click is
+# listed for older typers). The base install ships them for the device-side commands,
+# but `vlm_export.runtime` must work where they are missing.
+CLI_SIDE = ("typer", "rich", "click")
 
 _PRELUDE = """
 import importlib.abc, json, sys
@@ -63,8 +67,9 @@ class Probe:
         return sorted({n.split(".")[0] for n in (self.attempted or []) + (self.loaded or [])})
 
 
-def probe(workload: str, blocked: bool, timeout: int = 180) -> Probe:
-    code = _PRELUDE.format(build_side=BUILD_SIDE, blocked=blocked) + textwrap.dedent(workload) + _POSTLUDE
+def probe(workload: str, blocked: bool, timeout: int = 180, packages: tuple[str, ...] = BUILD_SIDE) -> Probe:
+    """Run `workload`; `packages` (top-level names) are the ones blocked and looked for."""
+    code = _PRELUDE.format(build_side=packages, blocked=blocked) + textwrap.dedent(workload) + _POSTLUDE
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("@@PROBE@@")]
     if proc.returncode != 0 or not lines:
@@ -73,23 +78,23 @@ def probe(workload: str, blocked: bool, timeout: int = 180) -> Probe:
     return Probe(proc.returncode, proc.stderr, data["result"], data["attempted"], data["loaded"])
 
 
-def assert_runtime_only(workload: str) -> Any:
-    """Run `workload` blocked and unblocked; both must succeed, touch nothing build-side and
-    give the same result. Returns that result."""
-    closed = probe(workload, blocked=True)
+def assert_runtime_only(workload: str, packages: tuple[str, ...] = BUILD_SIDE) -> Any:
+    """Run `workload` blocked and unblocked; both must succeed, touch none of `packages`
+    (defaults to the build side) and give the same result. Returns that result."""
+    closed = probe(workload, blocked=True, packages=packages)
     assert closed.returncode == 0, closed.stderr
-    assert closed.touched == [], f"the runtime tried to import build-side packages: {closed.attempted}"
-    opened = probe(workload, blocked=False)
+    assert closed.touched == [], f"the runtime tried to import {packages}: {closed.attempted}"
+    opened = probe(workload, blocked=False, packages=packages)
     assert opened.returncode == 0, opened.stderr
-    assert opened.touched == [], f"the runtime imported build-side packages: {opened.loaded}"
+    assert opened.touched == [], f"the runtime imported {packages}: {opened.loaded}"
     assert opened.result == closed.result
     return closed.result
 
 
-def assert_detected(workload: str) -> None:
-    """The control: a workload that uses a build-side package must be caught both ways."""
-    closed = probe(workload, blocked=True)
-    assert closed.returncode != 0 or closed.touched, "a blocked build-side import went unnoticed"
-    opened = probe(workload, blocked=False)
+def assert_detected(workload: str, packages: tuple[str, ...] = BUILD_SIDE) -> None:
+    """The control: a workload that uses one of `packages` must be caught both ways."""
+    closed = probe(workload, blocked=True, packages=packages)
+    assert closed.returncode != 0 or closed.touched, "a blocked import went unnoticed"
+    opened = probe(workload, blocked=False, packages=packages)
     assert opened.returncode == 0, opened.stderr
-    assert opened.touched, "an unblocked build-side import was not found in sys.modules"
+    assert opened.touched, "an unblocked import was not found in sys.modules"

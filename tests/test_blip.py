@@ -243,6 +243,17 @@ def test_int8_runs_vision_int8_and_decoder_fp32(blip_bundle: Path, photos: list[
     assert len(model.generate(photos[:2], max_new_tokens=5).sequences) == 2
 
 
+def test_describe_is_the_caption(blip_bundle: Path, photos: list[Path], reference) -> None:
+    """`describe` (the line `run` prints) is the caption, exactly transformers' in FP32."""
+    from vlm_export.runtime import load
+
+    model = load(blip_bundle)
+    expected = reference["processor"].decode(reference[None][1], skip_special_tokens=True)
+    assert model.describe(photos[1], top_k=1) == expected == model.caption(photos[1])
+    with pytest.raises(InputError, match="--labels needs a CLIP bundle; .* is a blip bundle"):
+        model.describe(photos[1], labels=["cat"])
+
+
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
 def test_cli_run_prints_captions(blip_bundle: Path, photos: list[Path], reference, precision: str) -> None:
     """One line per image, `PATH: caption`, the caption being exactly the runtime's (and, in

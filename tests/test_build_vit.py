@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -202,6 +203,18 @@ def test_cli_run_and_inspect(vit_bundle: Path, photo_dir: Path) -> None:
     result = runner.invoke(app, ["inspect", str(vit_bundle)])
     assert result.exit_code == 0, result.output
     assert "int8-cpu" in result.output and "BAD" not in result.output
+
+
+def test_describe_classifier(vit_bundle: Path, photo_dir: Path) -> None:
+    """`describe` is the line `run` prints: top-k labels; --labels refused with the bundle's path."""
+    from vlm_export.errors import InputError
+    from vlm_export.runtime import load as load_bundle
+
+    model = load_bundle(vit_bundle, precision="int8")
+    ranked = model.classify(photo_dir / "rocket.jpg", top_k=2)
+    assert model.describe(photo_dir / "rocket.jpg", top_k=2) == ", ".join(f"{label} {p:.3f}" for label, p in ranked)
+    with pytest.raises(InputError, match=re.escape(f"--labels needs a CLIP bundle; '{vit_bundle}' is a vit bundle")):
+        model.describe(photo_dir / "rocket.jpg", labels="")
 
 
 @pytest.mark.parametrize(("flag", "value"), [("--precision", "int4"), ("--provider", "tpu")])

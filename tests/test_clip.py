@@ -220,6 +220,20 @@ def test_cli_zero_shot_labels(clip_bundle: Path, photo_dir: Path) -> None:
     assert empty.exit_code == 2 and "no labels given (--labels)" in empty.output
 
 
+def test_describe_zero_shot_or_embedding(clip_bundle: Path, photo_dir: Path) -> None:
+    """With labels: the top_k zero-shot pairs; without: the image embedding summary."""
+    from vlm_export.runtime import load
+
+    model = load(clip_bundle)
+    photo = photo_dir / "chelsea.png"
+    ranked = model.zero_shot(photo, ["cat", "dog", "car"])
+    assert model.describe(photo, top_k=2, labels="cat, dog,car") == f"{ranked[0][0]} {ranked[0][1]:.3f}, {ranked[1][0]} {ranked[1][1]:.3f}"
+    assert model.describe(photo, top_k=0, labels=["cat", "dog", "car"]) == f"{ranked[0][0]} {ranked[0][1]:.3f}"
+    emb = model.encode_image(photo)
+    first = ", ".join(f"{v:+.4f}" for v in emb[:4])
+    assert model.describe(photo) == f"embedding dim 24, L2 norm {float((emb ** 2).sum() ** 0.5):.4f}, first values {first}"
+
+
 def test_runtime_needs_neither_torch_nor_transformers(clip_bundle: Path, photo_dir: Path) -> None:
     """Zero-shot and text encoding in a fresh interpreter: with the build-side packages
     unimportable it runs and never tries them; unblocked, none of them ends up loaded.
@@ -272,5 +286,5 @@ def test_engine_profile_stops_at_the_models_positions(clip_bundle: Path) -> None
     manifest = json.loads((clip_bundle / "manifest.json").read_text())
     text = [p for p in plan(manifest, get_target("desktop-ada"), ["fp16"]) if p.component == "text"][0]
     longest = manifest["tokenizer"]["max_length"]
-    assert text.profile("input_ids").max[1] == longest == manifest["dim_ranges"]["sequence"]["max"]
+    assert text.profile("input_ids").max[1] == longest == manifest["components"]["text"]["dims"]["sequence"]["max"]
     assert text.profile("input_ids").min[1] == 1

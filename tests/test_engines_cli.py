@@ -1,7 +1,4 @@
-"""`engine` and `bench` through typer, as the CLI will register them.
-
-cli.py is not edited here, so the test builds a small typer app with the same commands.
-"""
+"""`engine` and `bench` through typer, as the CLI registers them."""
 
 from __future__ import annotations
 
@@ -10,17 +7,14 @@ import shutil
 from pathlib import Path
 
 import pytest
-import typer
 from typer.testing import CliRunner
 
+from vlm_export.cli import app
+from vlm_export.cli.bench import bench_feed
 from vlm_export.engines import is_tensorrt_available
-from vlm_export.engines.cli_engine import bench, bench_feed, engine
 from vlm_export.errors import InputError
 
 HAS_CUDA_EP = "CUDAExecutionProvider" in __import__("onnxruntime").get_available_providers()
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-app.command()(engine)
-app.command()(bench)
 runner = CliRunner()
 
 

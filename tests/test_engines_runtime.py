@@ -9,19 +9,23 @@ import json
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from vlm_export.engines import check_engine_compatible, get_target, is_tensorrt_available, plan, record_engines
 from vlm_export.engines.build import check_device_matches_target
+from vlm_export.bundle.schema import engine_record
 from vlm_export.errors import BackendUnavailableError, BundleError, InputError
-from vlm_export.runtime.trt_runner import check_shape_in_profile, select_engine_record
+from vlm_export.runtime.tensorrt import select_engine_record
+from vlm_export.runtime.trt_runner import check_shape_in_profile
 
 from test_engines import dino, qwen_manifest, qwen_dir, tiny_blip_dir, tiny_clip_dir  # noqa: F401 - fixtures
 
-RECORD = {"path": "engines/jetson-orin-nano/vision.fp16.plan", "target": "jetson-orin-nano", "tensorrt_version": "10.3.0.30",
-          "device": "Orin", "compute_capability": "8.7"}
+RECORD = engine_record("manifest.json", "engine", {
+    "path": "engines/jetson-orin-nano/vision.fp16.plan", "target": "jetson-orin-nano", "tensorrt_version": "10.3.0.30",
+    "device": "Orin", "compute_capability": "8.7"})
 
 
 @pytest.mark.parametrize("version", ["10.3.0.30", "10.3.0.26", "10.3.0"])  # the build number may differ
@@ -48,7 +52,7 @@ def test_engine_for_another_device_or_version_is_refused(version: str, cc: str) 
 
 
 def test_select_engine_record() -> None:
-    ada = {**RECORD, "path": "engines/desktop-ada/vision.fp16.plan", "target": "desktop-ada", "tensorrt_version": "10.13.3.9", "compute_capability": "8.9"}
+    ada = replace(RECORD, path="engines/desktop-ada/vision.fp16.plan", target="desktop-ada", tensorrt_version="10.13.3.9", compute_capability="8.9")
     engines = {"jetson-orin-nano": RECORD, "desktop-ada": ada}
     assert select_engine_record(engines, "10.13.3.9", "8.9", "vision/fp16") is ada
     assert select_engine_record(engines, "10.3.0.30", "8.7", "vision/fp16") is RECORD
@@ -93,7 +97,7 @@ def test_shape_check_with_json_profile_and_patches(qwen_manifest: dict) -> None:
 def test_importing_engine_modules_never_imports_tensorrt() -> None:
     code = (
         "import sys\n"
-        "import vlm_export.engines, vlm_export.engines.build, vlm_export.engines.cli_engine, vlm_export.runtime.trt_runner\n"
+        "import vlm_export.engines, vlm_export.engines.build, vlm_export.cli.engine, vlm_export.cli.bench, vlm_export.runtime.trt_runner\n"
         "bad = [m for m in ('tensorrt', 'cuda', 'torch', 'transformers') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )
@@ -122,7 +126,9 @@ def test_record_engines_keeps_checksums(dinov2_bundle: Path, tmp_path: Path) -> 
     shutil.copytree(dinov2_bundle, bundle)
     before = json.loads((bundle / "manifest.json").read_text())
     p = plan(before, get_target("desktop-ada"), ["fp16"])[0]
-    record = {"path": p.engine, "sha256": "(test record, no engine built)"}
+    record = {"path": p.engine, "sha256": "(test record, no engine built)", "bytes": 1234, "target": p.target,
+              "tensorrt_version": "10.13.3.9", "device": "NVIDIA RTX 4090", "compute_capability": "8.9", "dla_core": None,
+              "profile": [i.to_json() for i in p.inputs], "builder_flags": list(p.builder_flags), "built_at": "2026-11-30T00:00:00+00:00"}
     record_engines(bundle, [(p, record)])
     after = json.loads((bundle / "manifest.json").read_text())
     assert after["components"]["vision"]["variants"]["fp16"]["engines"] == {"desktop-ada": record}

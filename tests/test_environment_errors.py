@@ -20,7 +20,7 @@ from test_interrupted_build import _start, _wait_for_onnx
 from test_output_safety import fake_bundle, leftovers, one_error, tag_of
 
 from vlm_export.bundle import BundleWriter
-from vlm_export.cli_errors import TERMINATED
+from vlm_export.cli.errors import TERMINATED
 from vlm_export.errors import InputError
 from vlm_export.os_errors import environment_error
 

@@ -117,3 +117,19 @@ def test_activation_matmuls_names_the_same_nodes(vit_bundle: Path) -> None:
 
     attention, _ = _activation_matmuls(_load(vit_bundle, "int8"))
     assert sorted(activation_matmuls(vit_bundle / "vision" / "vision.fp32.onnx")) == sorted(n.name for n in attention)
+
+
+def test_graphs_carry_no_source_locations(vit_bundle: Path) -> None:
+    """No exporter stack traces or module paths: the bytes (and checksums) of a bundle must
+    not depend on where the vlm-export checkout lies or on line numbers in its source."""
+    import onnx
+
+    import vlm_export
+
+    source_root = str(Path(vlm_export.__file__).parent.parent).encode()
+    for path in sorted((vit_bundle / "vision").glob("*.onnx")):
+        model = onnx.load(str(path))
+        exporter_keys = {p.key for n in model.graph.node for p in n.metadata_props if p.key.startswith("pkg.torch")}
+        assert not exporter_keys, path.name  # (onnxscript's fusion rule names may stay: no paths in them)
+        data = path.read_bytes()
+        assert source_root not in data and b"stack_trace" not in data and b"vlm_export.families" not in data, path.name

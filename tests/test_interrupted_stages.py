@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from test_interrupted_build import _start
 
-from vlm_export.cli import _INTERRUPTED
+from vlm_export.cli.errors import INTERRUPTED
 from vlm_export.errors import BundleError
 from vlm_export.runtime import load
 
@@ -52,7 +52,7 @@ def test_interrupt_at_stage(stage: str, sig: signal.Signals, tiny_vit_dir: Path,
         load(out)
     if sig == signal.SIGINT:
         assert proc.returncode == 130 and "Traceback" not in stderr, stderr
-        assert [line for line in stderr.splitlines() if line.startswith("error:")] == [f"error: {_INTERRUPTED}"]
+        assert [line for line in stderr.splitlines() if line.startswith("error:")] == [f"error: {INTERRUPTED}"]
         assert not list(tmp_path.glob("bundle.partial-*"))
     else:
         assert proc.returncode == -signal.SIGKILL

@@ -8,6 +8,7 @@ Random weights: parity values, never accuracy claims.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -160,3 +161,16 @@ def test_cli_run_prints_the_features(llava_bundle: Path, photo_dir: Path) -> Non
     assert "rocket.jpg: embedding dim 48" in result.output
     labels = runner.invoke(app, ["run", str(llava_bundle), str(photo_dir / "rocket.jpg"), "--labels", "cat"])
     assert labels.exit_code == 2 and "--labels needs a CLIP bundle" in labels.output
+
+
+def test_describe_summarises_the_features(llava_bundle: Path, photo_dir: Path) -> None:
+    from vlm_export.errors import InputError
+    from vlm_export.runtime import load
+
+    model = load(llava_bundle)
+    feats = model.image_features(photo_dir / "rocket.jpg")
+    first = ", ".join(f"{v:+.4f}" for v in feats.ravel()[:4])
+    norm = float((feats ** 2).sum() ** 0.5)
+    assert model.describe(photo_dir / "rocket.jpg") == f"embedding dim 48, L2 norm {norm:.4f}, first values {first}"
+    with pytest.raises(InputError, match=re.escape(f"--labels needs a CLIP bundle; '{llava_bundle}' is a llava bundle")):
+        model.describe(photo_dir / "rocket.jpg", labels=["cat"])

@@ -19,12 +19,13 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from vlm_export import swap
+from vlm_export.bundle import swap
 from vlm_export.bundle import BundleWriter
+from vlm_export.bundle.schema import Manifest
 from vlm_export.cli import app
 from vlm_export.errors import InputError
-from vlm_export.locks import lock_path
-from vlm_export.staging import MARKER_NAME, _process_start
+from vlm_export.bundle.locks import lock_path
+from vlm_export.bundle.staging import MARKER_NAME, _process_start
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,7 @@ def fake_bundle(out: Path, tag: str, source: Path, force: bool = False) -> Path:
             if path.is_file() and path.name != "manifest.json":
                 shutil.copyfile(path, writer.path(str(path.relative_to(source))))
         (writer.staging / "TAG").write_text(tag)
-        writer.commit({k: v for k, v in manifest.items() if k != "format_version"})
+        writer.commit(Manifest.from_json(manifest))
     return out
 
 
@@ -219,7 +220,7 @@ def test_force_swap_uses_an_exchange_rename_where_the_os_has_it(bundle_files: Pa
 _KILLED_BETWEEN_RENAMES = textwrap.dedent("""
     import os, sys
     from pathlib import Path
-    from vlm_export import swap
+    from vlm_export.bundle import swap
     from vlm_export.bundle import BundleWriter
     sys.path.insert(0, {tests!r})
     from test_output_safety import fake_bundle

@@ -133,6 +133,27 @@ def test_batch_stacks_in_order(photos):
         np.testing.assert_array_equal(batch[i], preprocessor(photos[name])[0])
 
 
+def test_one_image_or_a_list(photos):
+    """One rule for every model method: lists, tuples, generators and 4-D arrays are batches."""
+    from vlm_export.runtime.images import image_batch
+
+    picture = Image.open(photos["chelsea.png"]).convert("RGB")
+    array = np.asarray(picture)
+    for source in (picture, array, "x.png", Path("x.png"), b"bytes", 7):
+        assert image_batch(source) == ([source], True)
+    assert image_batch([array, array])[1] is False and image_batch((array,))[1] is False
+    assert image_batch(p for p in ["a.png", "b.png"]) == (["a.png", "b.png"], False)
+    batch, single = image_batch(np.stack([array, array]))
+    assert not single and len(batch) == 2 and np.array_equal(batch[1], array)
+    for empty in ([], (), np.zeros((0, 4, 4, 3), np.uint8)):
+        with pytest.raises(InputError, match="^no images given; pass an image path"):
+            image_batch(empty)
+    preprocessor = _ours(PROCESSORS["vit"]())
+    np.testing.assert_array_equal(preprocessor(np.stack([array, array]))[1], preprocessor(array)[0])
+    with pytest.raises(InputError, match="^cannot read image of type int"):
+        preprocessor(7)
+
+
 def test_exif_orientation_applied_like_transformers_load_image(photos, tmp_path):
     path = tmp_path / "rotated.jpg"
     exif = Image.Exif()

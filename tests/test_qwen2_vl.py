@@ -75,12 +75,12 @@ def _model_features(reference, image: Image.Image) -> tuple[np.ndarray, np.ndarr
 
 
 def _preprocessor(qwen_dir: Path) -> rq.Qwen2VLPreprocessor:
-    from vlm_export.families.loading import load_slow_image_processor
+    from vlm_export.families.common import load_image_processor
     from vlm_export.families.qwen2_vl import preprocess_config
     from transformers import Qwen2VLConfig
 
     vision = Qwen2VLConfig.from_pretrained(qwen_dir).vision_config
-    return rq.Qwen2VLPreprocessor(preprocess_config(load_slow_image_processor(qwen_dir), vision))
+    return rq.Qwen2VLPreprocessor(preprocess_config(load_image_processor(qwen_dir), vision))
 
 
 # --- numpy preprocessing == the model's image processor --------------------------------
@@ -245,6 +245,16 @@ def test_cli_run_prints_features(qwen_bundle: Path, photo_dir: Path) -> None:
     assert "astronaut.png: embedding dim 64" in result.output
 
 
+def test_describe_summarises_the_features(qwen_bundle: Path, photo_dir: Path) -> None:
+    from vlm_export.runtime import load
+
+    model = load(qwen_bundle)
+    feats = model.image_features(photo_dir / "astronaut.png")
+    first = ", ".join(f"{v:+.4f}" for v in feats.ravel()[:4])
+    norm = float((feats ** 2).sum() ** 0.5)
+    assert model.describe(photo_dir / "astronaut.png") == f"embedding dim 64, L2 norm {norm:.4f}, first values {first}"
+
+
 def test_engine_profile_uses_the_patch_axis(qwen_bundle: Path) -> None:
     from vlm_export.engines import get_target, plan
 
@@ -273,6 +283,19 @@ def test_resize_refusals_name_the_numbers() -> None:
         rq.smart_resize(10, 10, 28, min_pixels=0, max_pixels=MAX_PIXELS)
     with pytest.raises(InputError, match="aspect ratio 250:1"):
         rq.smart_resize(4, 1000, 28, MIN_PIXELS, MAX_PIXELS)
+
+
+def test_preprocess_config_refusals_are_bundle_errors(qwen_bundle: Path) -> None:
+    """The manifest's preprocess section round-trips; a missing or malformed value is one BundleError line."""
+    from vlm_export.errors import BundleError
+
+    data = json.loads((qwen_bundle / "manifest.json").read_text())["preprocess"]
+    config = rq.Qwen2VLPreprocessConfig.from_dict(data)
+    assert config.to_dict() == data
+    with pytest.raises(BundleError, match="^manifest.json 'preprocess' is missing 'merge_size'; rebuild"):
+        rq.Qwen2VLPreprocessConfig.from_dict({k: v for k, v in data.items() if k != "merge_size"})
+    with pytest.raises(BundleError, match="^manifest.json 'preprocess' has a malformed value"):
+        rq.Qwen2VLPreprocessConfig.from_dict({**data, "patch_size": "fourteen"})
 
 
 def test_image_outside_the_bundle_range_is_refused(qwen_bundle: Path, photo_dir: Path, tmp_path: Path) -> None:

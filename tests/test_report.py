@@ -273,7 +273,7 @@ def test_end_to_end_records_render_in_both_reports() -> None:
     parity = {"records": [], "samples": [], "end_to_end": [record]}
     markdown = extra_sections(parity)
     assert "End-to-end parity" in markdown and "zero_shot" in markdown and "logits_max_abs 19.7 > 2" in markdown
-    manifest = {"family": "clip", "source": {"path": "/m", "config_sha256": "0" * 64, "model_type": "clip"},
-                "components": {}, "parity": {"passed": False, "failed": ["zero_shot/int8"]}}
+    manifest = {"format_version": 1, "family": "clip", "source": {"path": "/m", "config_sha256": "0" * 64, "model_type": "clip"},
+                "components": {"vision": {"variants": {}}}, "parity": {"passed": False, "failed": ["zero_shot/int8"]}}
     html = render_html(manifest, parity)
     assert "zeroshot_agreement 0.500000" in html and "FAIL" in html

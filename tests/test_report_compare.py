@@ -8,23 +8,16 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
-import typer
 from typer.testing import CliRunner, Result
 
+from vlm_export.cli import app
 from vlm_export.errors import InputError
-from vlm_export.report.cli_compare import compare
 from vlm_export.report.compare import Thresholds, compare_bundles, diff_rows
 
 
 def _invoke(*args: str) -> Result:
-    """Through `vlm-export compare` once cli.py registers it; a one-command app until then."""
-    from vlm_export.cli import app
-
-    if any((c.name or c.callback.__name__) == "compare" for c in app.registered_commands if c.callback):
-        return CliRunner().invoke(app, ["compare", *args])
-    single = typer.Typer()
-    single.command()(compare)
-    return CliRunner().invoke(single, list(args))
+    """Through `vlm-export compare`."""
+    return CliRunner().invoke(app, ["compare", *args])
 
 
 def _copy(bundle: Path, dest: Path, edit: Callable[[dict[str, Any]], None] | None = None) -> Path:

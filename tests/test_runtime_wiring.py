@@ -87,8 +87,6 @@ def test_tensorrt_ep_without_target_passes_no_options(vit_bundle: Path, recorded
     assert recorded_sessions[0]["providers"] == GPU_PROVIDERS
 
 
-@pytest.mark.xfail(strict=True, reason="bug: the TensorRT EP's timing cache path is <bundle>/engines/<target>, so "
-                   "load(provider='tensorrt-ep', target=...) makes ORT write into the bundle (engine cache is outside)")
 def test_tensorrt_ep_writes_nothing_into_the_bundle(vit_bundle: Path, recorded_sessions: list) -> None:
     from vlm_export.runtime import load
 
@@ -97,6 +95,33 @@ def test_tensorrt_ep_writes_nothing_into_the_bundle(vit_bundle: Path, recorded_s
     written = {k: Path(v) for k, v in options.items() if k.endswith("_path")}
     assert set(written) == {"trt_engine_cache_path", "trt_timing_cache_path"}
     assert [k for k, path in written.items() if _inside(path, vit_bundle)] == []
+
+
+def test_tensorrt_ep_reads_the_recorded_plan_and_never_plans(vit_bundle: Path, recorded_sessions: list, tmp_path: Path) -> None:
+    """The runtime renders the plan the build recorded; a target it did not record (or a
+    bundle built before plans were recorded) is a one-line refusal naming what exists."""
+    import json
+    import shutil
+
+    from vlm_export.engines import TARGETS
+    from vlm_export.runtime import load
+
+    with pytest.raises(InputError) as info:
+        load(vit_bundle, precision="fp16", provider="tensorrt-ep", target="pdp-11")
+    assert str(info.value) == ("variant vision/fp16 has no TensorRT EP plan for target 'pdp-11' (--target); "
+                               f"recorded: {', '.join(TARGETS)}")
+    older = tmp_path / "older"
+    shutil.copytree(vit_bundle, older)
+    data = json.loads((older / "manifest.json").read_text())
+    recorded = data["components"]["vision"]["variants"]["fp16"].pop("tensorrt_ep")
+    recorded["desktop-ampere"]["max_shapes"] = "pixel_values:7x3x32x32"  # not what the planner would say
+    with pytest.raises(InputError, match="recorded: none \\(a bundle built before TensorRT EP plans were recorded; rebuild it\\)$"):
+        (older / "manifest.json").write_text(json.dumps(data))
+        load(older, precision="fp16", provider="tensorrt-ep", target="desktop-ampere")
+    data["components"]["vision"]["variants"]["fp16"]["tensorrt_ep"] = recorded
+    (older / "manifest.json").write_text(json.dumps(data))
+    load(older, precision="fp16", provider="tensorrt-ep", target="desktop-ampere")
+    assert recorded_sessions[-1]["providers"][0][1]["trt_profile_max_shapes"] == "pixel_values:7x3x32x32"
 
 
 def test_tensorrt_ep_missing_is_one_line_not_a_cpu_fallback(vit_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -7,7 +7,6 @@ module only sequences them, stages the output and records everything in the mani
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,8 @@ from typing import Any
 import numpy as np
 
 from vlm_export.bundle import BundleWriter
+from vlm_export.bundle.schema import Component, ExternalData, Manifest, TensorEntry, VariantEntry
+from vlm_export.engines.plan import record_ep_plans
 from vlm_export.errors import InputError
 from vlm_export.families import ComponentSpec, LoadedModel, detect
 from vlm_export.progress import Reporter, SilentReporter
@@ -197,17 +198,16 @@ def _parity(
     spec: ComponentSpec, paths: dict[str, Path], parity_feed: dict[str, np.ndarray], opts: BuildOptions, reporter: Reporter
 ) -> list[ParityRecord]:
     from vlm_export.export import torch_outputs
-    from vlm_export.quantize.reader import first_sample
-    from vlm_export.runtime.session import create_session
     from vlm_export.recipes import Evaluation
-    from vlm_export.verify import compare, evaluate, measure, run_in_batches
+    from vlm_export.runtime.session import create_session
+    from vlm_export.verify import compare, evaluate, first_sample, measure, run_batched
     from vlm_export.verify.evaluation import verdict_session
 
     feed = {t.name: parity_feed[t.name] for t in spec.inputs}
     one = first_sample(feed)
     records = []
     with reporter.task(f"[{spec.name}] parity vs PyTorch FP32", total=len(paths) + 1) as task:
-        reference = run_in_batches(lambda f: torch_outputs(spec, f), feed)
+        reference = run_batched(lambda f: torch_outputs(spec, f), feed)
         torch_latency = measure(lambda: torch_outputs(spec, one), runs=opts.latency_runs)
         task.advance()
         for key, path in paths.items():
@@ -225,15 +225,15 @@ def _parity(
 
 
 def _run_session(session: Any, feed: dict[str, Any]) -> dict[str, np.ndarray]:
-    from vlm_export.verify import run_in_batches
+    from vlm_export.verify import run_batched
 
     names = [o.name for o in session.get_outputs()]
-    return run_in_batches(lambda f: dict(zip(names, session.run(None, f))), feed)
+    return run_batched(lambda f: dict(zip(names, session.run(None, f))), feed)
 
 
 def _component_manifest(
     spec: ComponentSpec, paths: dict[str, Path], writer: BundleWriter, records: list[ParityRecord], precisions: tuple[str, ...]
-) -> dict[str, Any]:
+) -> Component:
     from vlm_export.runtime.onnx_external import external_data_entries
 
     passed = {r.variant: r.passed for r in records}
@@ -241,29 +241,20 @@ def _component_manifest(
     for key, path in paths.items():
         made = recipe(key)
         rel = writer.relative(path)
-        variants[key] = {
-            "precision": made.precision,
-            "recipe": made.recipe,
-            "providers": list(made.providers),
-            "evaluation": made.evaluation.value,
-            "onnx": rel,
-            "sha256": writer.checksum(rel),
-            "bytes": path.stat().st_size,
-            "external_data": external_data_entries(path, writer.staging),
-            "parity_passed": passed.get(key),
-            "engines": {},
-        }
+        variants[key] = VariantEntry(
+            precision=made.precision, recipe=made.recipe, providers=made.providers, evaluation=made.evaluation.value,
+            onnx=rel, sha256=writer.checksum(rel), bytes=path.stat().st_size,
+            external_data=tuple(ExternalData(**e) for e in external_data_entries(path, writer.staging)),
+            parity_passed=passed.get(key),
+        )
     skipped = [key for key, made in RECIPES.items() if made.precision == "int8" and key not in paths]
-    fallback = {"fp32_fallback": skipped} if not spec.int8 and "int8" in precisions else {}
-    return {
-        **fallback,
-        "inputs": [t.to_json() for t in spec.inputs],
-        "outputs": [t.to_json() for t in spec.outputs],
-        "parity_output": spec.parity_output,
-        "parity_kind": spec.parity_kind.value,
-        "opset": spec.opset,
-        "variants": variants,
-    }
+    return Component(
+        variants=variants,
+        inputs=tuple(TensorEntry(t.name, t.dtype, t.shape) for t in spec.inputs),
+        outputs=tuple(TensorEntry(t.name, t.dtype, t.shape) for t in spec.outputs),
+        dims=dict(spec.dims), parity_output=spec.parity_output, parity_kind=spec.parity_kind.value, opset=spec.opset,
+        fp32_fallback=tuple(skipped) if not spec.int8 and "int8" in precisions else None,
+    )
 
 
 def build(opts: BuildOptions, reporter: Reporter | None = None) -> BuildResult:
@@ -298,18 +289,18 @@ def build(opts: BuildOptions, reporter: Reporter | None = None) -> BuildResult:
             "calibration_methods": result.methods,
         }
         writer.write_json("parity.json", parity)
-        manifest = {
-            "family": family.name,
-            "source": {"path": str(opts.model_dir.absolute()), "config_sha256": _config_hash(opts.model_dir), "model_type": loaded.config["model_type"]},
-            "components": components,
-            "preprocess": dict(loaded.preprocess),
-            "labels": list(loaded.labels) if loaded.labels else None,
-            "files": _copy_bundle_files(loaded, writer),
-            **dict(loaded.manifest_extra),
-            "parity": {"passed": not result.failed_names, "failed": result.failed_names, "file": "parity.json",
-                       "verdict_cpu": {k: parity["machine"][k] for k in ("model", "arch", "isa")}},
-            "build": {"precisions": list(opts.precisions), "calibration_method": opts.calibration_method.value, "calibration_size": opts.calibration_size, "seed": opts.seed, "int8_guard": opts.int8_guard},
-        }
+        manifest = record_ep_plans(Manifest(
+            family=family.name,
+            source={"path": str(opts.model_dir.absolute()), "config_sha256": _config_hash(opts.model_dir), "model_type": loaded.config["model_type"]},
+            components=components,
+            preprocess=dict(loaded.preprocess),
+            labels=tuple(loaded.labels) if loaded.labels else None,
+            files=_copy_bundle_files(loaded, writer),
+            sections=dict(loaded.manifest_extra),
+            parity={"passed": not result.failed_names, "failed": result.failed_names, "file": "parity.json",
+                    "verdict_cpu": {k: parity["machine"][k] for k in ("model", "arch", "isa")}},
+            build={"precisions": list(opts.precisions), "calibration_method": opts.calibration_method.value, "calibration_size": opts.calibration_size, "seed": opts.seed, "int8_guard": opts.int8_guard},
+        ))
         write_reports(writer.staging, manifest, parity)
         writer.commit(manifest)
     return result
@@ -326,11 +317,13 @@ def _machine() -> dict[str, Any]:
 
 
 def _end_to_end(family: Any, loaded: LoadedModel, paths: dict[str, dict[str, Path]], images: list[Any], reporter: Reporter) -> list[dict[str, Any]]:
-    """The family's end-to-end parity (zero-shot argmax, captions), when it has one."""
-    if not hasattr(family, "end_to_end_parity"):
+    """The family's end-to-end parity records (zero-shot argmax, captions) as JSON, when it has one."""
+    from vlm_export.families.base import EndToEndParity
+
+    if not isinstance(family, EndToEndParity):
         return []
     with reporter.task(f"End-to-end parity ({family.name})"):
-        return list(family.end_to_end_parity(loaded, paths, images))
+        return [record.to_json() for record in family.end_to_end_parity(loaded, paths, images)]
 
 
 def _copy_bundle_files(loaded: LoadedModel, writer: BundleWriter) -> dict[str, dict[str, Any]]:
@@ -342,7 +335,3 @@ def _copy_bundle_files(loaded: LoadedModel, writer: BundleWriter) -> dict[str, d
         shutil.copyfile(source, writer.path(relative))
         files[relative] = {"sha256": writer.checksum(relative), "bytes": source.stat().st_size}
     return files
-
-
-def load_parity(out: Path) -> dict[str, Any]:
-    return json.loads((Path(out) / "parity.json").read_text(encoding="utf-8"))

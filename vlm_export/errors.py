@@ -28,9 +28,3 @@ class BundleError(VlmExportError):
 
 class BackendUnavailableError(VlmExportError):
     """The requested runtime provider or backend cannot run on this machine."""
-
-
-class ParityError(VlmExportError):
-    """A variant's drift against the PyTorch reference exceeds its tolerance (exit 1)."""
-
-    exit_code = 1

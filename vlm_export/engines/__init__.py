@@ -1,5 +1,7 @@
 """TensorRT engines: deployment targets, pure engine plans, and the lazy builder.
 
+Build side only: the runtime never imports this package (its TensorRT helpers live in
+`vlm_export.runtime.tensorrt`; it reads the plans the build recorded in the manifest).
 Importing this package never imports tensorrt; only `build_engine(s)` and the native
 runner do, on the device.
 """
@@ -12,7 +14,7 @@ from vlm_export.engines.build import (
     is_tensorrt_available,
     record_engines,
 )
-from vlm_export.engines.plan import EnginePlan, InputProfile, ort_trt_provider_options, plan
+from vlm_export.engines.plan import EnginePlan, InputProfile, ort_trt_provider_options, plan, record_ep_plans, symbol_sizes
 from vlm_export.engines.targets import TARGETS, Range, Target, get_target
 
 __all__ = [
@@ -30,4 +32,6 @@ __all__ = [
     "ort_trt_provider_options",
     "plan",
     "record_engines",
+    "record_ep_plans",
+    "symbol_sizes",
 ]

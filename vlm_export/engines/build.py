@@ -3,7 +3,8 @@
 Why here and lazily: `tensorrt` exists only on the device (or a GPU box with the same
 GPU), so this module imports it inside functions and importing it never does. What can
 be decided without TensorRT (shapes, flags, paths, compatibility) lives in pure
-functions: `engines.plan` and `check_engine_compatible` below.
+functions: `engines.plan`, and `runtime.tensorrt.check_engine_compatible` (the device
+asks the same question before it loads an engine).
 
 An engine is tied to the TensorRT version and the GPU it was built on; its record in
 the manifest (`variants.<v>.engines.<target>`) says which, and the runtime refuses a
@@ -13,101 +14,27 @@ plan built elsewhere instead of letting TensorRT fail deep inside deserialisatio
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
-import shutil
-import subprocess
 import tempfile
-from functools import lru_cache
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterable
 
+from vlm_export.bundle.paths import resolve_inside, sha256_file
+from vlm_export.bundle.schema import MANIFEST_NAME, EngineRecord, Manifest, engine_record
 from vlm_export.engines.plan import EnginePlan
-from vlm_export.errors import BackendUnavailableError, BundleError, InputError, VlmExportError
-from vlm_export.runtime.manifest import MANIFEST_NAME, resolve_inside, sha256_file
-
-INSTALL_HINT = "install TensorRT on the device (runtimes/README.md) or run the printed trtexec lines there"
+from vlm_export.errors import InputError, VlmExportError
+from vlm_export.runtime.tensorrt import (  # noqa: F401 - re-exported: the build side asks the same questions
+    INSTALL_HINT,
+    check_engine_compatible,
+    cuda_device,
+    is_tensorrt_available,
+    require_tensorrt,
+)
 
 
 class EngineBuildError(VlmExportError):
     """TensorRT refused a graph or failed to build it (exit 2; the TensorRT log says why)."""
-
-
-@lru_cache(maxsize=1)
-def _tensorrt_import_error() -> str | None:
-    try:
-        import tensorrt
-
-        getattr(tensorrt, "Builder")
-    except Exception as exc:  # noqa: BLE001 - stubs raise anything from ImportError to RuntimeError
-        return f"{type(exc).__name__}: {exc}".splitlines()[0]
-    return None
-
-
-def is_tensorrt_available() -> bool:
-    """True when `import tensorrt` gives the real bindings (not a registry stub)."""
-    return _tensorrt_import_error() is None
-
-
-def require_tensorrt() -> Any:
-    """The tensorrt module, or a one-line BackendUnavailableError naming what is missing."""
-    error = _tensorrt_import_error()
-    if error is not None:
-        raise BackendUnavailableError(f"TensorRT is not installed here (import tensorrt: {error}); {INSTALL_HINT}")
-    import tensorrt
-
-    return tensorrt
-
-
-def cuda_device(index: int = 0) -> tuple[str, str]:
-    """(name, "major.minor") of CUDA device `index`, via cuda-python, else nvidia-smi."""
-    try:
-        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
-    except ImportError:
-        try:
-            from cuda import cudart  # type: ignore[no-redef]  # older cuda-python
-        except ImportError:
-            return _nvidia_smi_device(index)
-    err, count = cudart.cudaGetDeviceCount()
-    if err != cudart.cudaError_t.cudaSuccess or count <= index:
-        raise BackendUnavailableError(f"no CUDA GPU {index} visible (cudaGetDeviceCount: {err}); TensorRT needs a GPU")
-    err, prop = cudart.cudaGetDeviceProperties(index)
-    name = prop.name.decode(errors="replace").rstrip("\x00") if isinstance(prop.name, bytes) else str(prop.name)
-    return name, f"{prop.major}.{prop.minor}"
-
-
-def _nvidia_smi_device(index: int) -> tuple[str, str]:
-    exe = shutil.which("nvidia-smi")
-    if exe is None:
-        raise BackendUnavailableError("no CUDA GPU found (neither cuda-python nor nvidia-smi is available); TensorRT needs a GPU")
-    out = subprocess.run([exe, "--query-gpu=name,compute_cap", "--format=csv,noheader"], capture_output=True, text=True, timeout=30)
-    rows = [r.split(",") for r in out.stdout.strip().splitlines() if "," in r]
-    if out.returncode != 0 or len(rows) <= index:
-        raise BackendUnavailableError(f"no CUDA GPU {index} visible (nvidia-smi exit {out.returncode}); TensorRT needs a GPU")
-    return rows[index][0].strip(), rows[index][1].strip()
-
-
-def _version_key(version: str) -> tuple[str, ...]:
-    """10.3.0.30 → ("10", "3", "0"): engines are tied to major.minor.patch."""
-    return tuple(version.split(".")[:3])
-
-
-def check_engine_compatible(record: dict[str, Any], runtime_trt_version: str, device_cc: str) -> None:
-    """Refuse an engine built with another TensorRT version or for another GPU.
-
-    Why: TensorRT plans are neither forward/backward compatible across versions nor
-    portable across compute capabilities; loading one fails with an opaque
-    deserialisation error or, worse, runs slow kernels for the wrong architecture.
-    """
-    built_trt = str(record.get("tensorrt_version", "?"))
-    built_cc = str(record.get("compute_capability", "?"))
-    if _version_key(built_trt) == _version_key(runtime_trt_version) and built_cc == device_cc:
-        return
-    raise BundleError(
-        f"engine '{record.get('path', '?')}' was built with TensorRT {built_trt} for compute {built_cc} "
-        f"({record.get('device', '?')}); this machine has TensorRT {runtime_trt_version} on compute {device_cc}; "
-        f"rebuild it here: vlm-export engine OUT --target {record.get('target', 'NAME')}"
-    )
 
 
 def check_device_matches_target(plan: EnginePlan, device_name: str, device_cc: str) -> None:
@@ -214,11 +141,16 @@ def engine_key(plan: EnginePlan) -> str:
 def record_engines(bundle: Path, built: Iterable[tuple[EnginePlan, dict[str, Any]]]) -> Path:
     """Add engine records to manifest.json (atomic rewrite; ONNX checksums untouched)."""
     path = Path(bundle) / MANIFEST_NAME
-    data = json.loads(path.read_text(encoding="utf-8"))
+    manifest = Manifest.loads(path.read_bytes(), str(path))
+    added: dict[tuple[str, str], dict[str, EngineRecord]] = {}
     for plan, record in built:
-        variant = data["components"][plan.component]["variants"][plan.variant]
-        variant.setdefault("engines", {})[engine_key(plan)] = record
-    write_atomic(path, (json.dumps(data, indent=2) + "\n").encode("utf-8"))
+        key = engine_key(plan)
+        added.setdefault((plan.component, plan.variant), {})[key] = engine_record(str(path), f"engine '{key}'", record)
+    components = {
+        name: replace(comp, variants={key: replace(v, engines={**v.engines, **added.get((name, key), {})}) for key, v in comp.variants.items()})
+        for name, comp in manifest.components.items()
+    }
+    write_atomic(path, replace(manifest, components=components).dumps().encode("utf-8"))
     return path
 
 

@@ -3,7 +3,10 @@
 Why pure: no machine that builds bundles has TensorRT, yet every decision about an
 engine (which graphs, which shapes, which flags, where files go) must be tested. The
 builder (`engines.build`), `trtexec_command()` and the ORT TensorRT EP options are three
-renderings of the same `EnginePlan`, so they cannot drift apart.
+renderings of the same `EnginePlan`, so they cannot drift apart. The build records the
+EP rendering of every target in the manifest (`record_ep_plans`), where the runtime reads it.
+Shapes come from the dims each family declares (`bundle.schema.DimSpec`), never from
+dimension names.
 
 Precision comes from the ONNX graph, never from a calibrator: the FP16 graph is already
 cast (norms kept FP32) and the INT8 graph carries QDQ nodes, so both build as strongly
@@ -13,50 +16,18 @@ typed networks (`--stronglyTyped`, the only mode in TensorRT 11); FP32 builds pl
 from __future__ import annotations
 
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from vlm_export.engines.targets import Range, Target
-from vlm_export.errors import BundleError, InputError
-from vlm_export.runtime.manifest import plain_relative
+from vlm_export.bundle.paths import plain_relative
+from vlm_export.bundle.schema import Component, DimRange, DimSpec, EpPlan, InputProfile, Manifest, TensorEntry, VariantEntry
+from vlm_export.engines.targets import TARGETS, Range, Target
+from vlm_export.errors import InputError
+from vlm_export.recipes import RECIPES, Evaluation
+from vlm_export.runtime.tensorrt import ep_provider_options
 
-Dim = int | str
-
-# Symbolic dimension in a manifest → the target range that sizes it.
-DIM_RANGES: dict[str, str] = {
-    "batch": "batch",
-    "patches": "patches",
-    "num_patches": "patches",
-    "sequence": "sequence",
-    "sequence_length": "sequence",
-    "past_sequence": "sequence",
-    "past_sequence_length": "sequence",
-}
 DLA_PRECISIONS = ("fp16", "int8")
-TENSORRT_PROVIDERS = ("tensorrt", "tensorrt-ep")
-
-
-@dataclass(frozen=True)
-class InputProfile:
-    """min/opt/max shapes of one engine input; `dims` keeps the manifest's symbols."""
-
-    name: str
-    dims: tuple[Dim, ...]
-    min: tuple[int, ...]
-    opt: tuple[int, ...]
-    max: tuple[int, ...]
-
-    @property
-    def dynamic(self) -> bool:
-        return any(isinstance(d, str) for d in self.dims)
-
-    def shape_arg(self, which: str) -> str:
-        """"pixel_values:1x3x224x224": the trtexec / ORT TensorRT EP shape syntax."""
-        return f"{self.name}:{'x'.join(str(d) for d in getattr(self, which))}"
-
-    def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "dims": list(self.dims), "min": list(self.min), "opt": list(self.opt), "max": list(self.max)}
 
 
 @dataclass(frozen=True)
@@ -119,6 +90,12 @@ class EnginePlan:
             parts += [f"--useDLACore={self.dla_core}", "--allowGPUFallback"]
         return " ".join(shlex.quote(p) for p in parts)
 
+    def ep_record(self) -> EpPlan:
+        """What the runtime needs to give onnxruntime's TensorRT EP this plan (the
+        manifest's `variants.<v>.tensorrt_ep.<target>`): workspace, shapes, DLA core."""
+        shapes = {f"{w}_shapes": ",".join(i.shape_arg(w) for i in self.dynamic_inputs) for w in ("min", "opt", "max")}
+        return EpPlan(self.workspace_mib, **(shapes if self.dynamic_inputs else {}), dla_core=self.dla_core)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "component": self.component, "variant": self.variant, "precision": self.precision,
@@ -128,25 +105,27 @@ class EnginePlan:
         }
 
 
-def _range_for(symbol: str, target: Target, where: str) -> Range:
-    key = DIM_RANGES.get(symbol)
-    if key is None:
-        raise InputError(
-            f"{where} has dimension '{symbol}', which no target range sizes; known: {', '.join(DIM_RANGES)}"
-        )
-    return getattr(target, key)
+def _range_for(symbol: str, target: Target, where: str, dims: Mapping[str, DimSpec]) -> Range:
+    """The target's range for the kind of axis the family declared, cut to the model's own
+    range; a cache axis starts at 0 (a decoder's first step runs with an empty cache)."""
+    spec = dims.get(symbol)
+    if spec is None:
+        declared = ", ".join(dims) or "none (a bundle built before components recorded their dims; rebuild it)"
+        raise InputError(f"{where} has dimension '{symbol}', which the component does not declare; declared: {declared}")
+    rng = _clamp(getattr(target, spec.kind.value), spec.range)
+    return Range(0, rng.opt, rng.max) if spec.cache else rng
 
 
-def model_ranges(manifest: Mapping[str, Any]) -> dict[str, Range]:
-    """Ranges the model itself allows, by symbol: manifest `dim_ranges` and Qwen2-VL's
-    `patch_range` (its resize rule never makes more patches than that)."""
-    raw = dict(manifest.get("dim_ranges") or {})
-    if "patch_range" in manifest:
-        raw.setdefault("patches", manifest["patch_range"])
-    return {sym: Range(int(r["min"]), int(r["opt"]), int(r["max"])) for sym, r in raw.items()}
+def symbol_sizes(component: Component, target: Target | None = None) -> dict[str, int]:
+    """One size per declared symbolic dim of `component`, for benchmark feeds: the opt of
+    the engine profile `target` would get, else the model's declared opt. Dims with
+    neither (batch without a target) are left to the caller. Defaults to no target."""
+    if target is not None:
+        return {sym: _range_for(sym, target, "", component.dims).opt for sym in component.dims}
+    return {sym: spec.range.opt for sym, spec in component.dims.items() if spec.range is not None}
 
 
-def _clamp(target_range: Range, model_range: Range | None) -> Range:
+def _clamp(target_range: Range, model_range: DimRange | None) -> Range:
     """The target's range fitted to what the model can produce: the model's own minimum
     (a small image must still run), the smaller maximum, opt kept inside."""
     if model_range is None:
@@ -156,27 +135,24 @@ def _clamp(target_range: Range, model_range: Range | None) -> Range:
 
 
 def input_profile(
-    spec: Mapping[str, Any], target: Target, where: str, static: bool = False, limits: Mapping[str, Range] | None = None
+    spec: TensorEntry, target: Target, where: str, dims: Mapping[str, DimSpec], static: bool = False
 ) -> InputProfile:
-    """Profile of one manifest input: symbols take the target's ranges (cut to the model's
-    own `limits`), fixed dims stay.
+    """Profile of one manifest input: symbols take the target's ranges for their declared
+    kind (cut to the model's own range), fixed dims stay.
 
     `static` pins every symbol at its opt value (DLA runs static shapes only).
     """
-    dims: tuple[Dim, ...] = tuple(spec["shape"])
     lo, mid, hi = [], [], []
-    for dim in dims:
+    for dim in spec.shape:
         if isinstance(dim, str):
-            rng = _clamp(_range_for(dim, target, f"{where} input '{spec['name']}'"), (limits or {}).get(dim))
-            if dim.startswith("past"):  # a decoder's first step runs with an empty cache
-                rng = Range(0, rng.opt, rng.max)
+            rng = _range_for(dim, target, f"{where} input '{spec.name}'", dims)
             values = (rng.opt,) * 3 if static else (rng.min, rng.opt, rng.max)
         else:
             values = (int(dim),) * 3
         lo.append(values[0])
         mid.append(values[1])
         hi.append(values[2])
-    return InputProfile(str(spec["name"]), dims, tuple(lo), tuple(mid), tuple(hi))
+    return InputProfile(spec.name, spec.shape, tuple(lo), tuple(mid), tuple(hi))
 
 
 def _check_request(target: Target, precisions: Sequence[str] | None, dla_core: int | None) -> None:
@@ -197,67 +173,66 @@ def _check_request(target: Target, precisions: Sequence[str] | None, dla_core: i
             raise InputError(f"DLA runs fp16 and int8 only; precision '{precision}' cannot use --dla-core {dla_core}")
 
 
-def _tensorrt_variants(manifest: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any], str, Mapping[str, Any]]]:
-    try:
-        components = manifest["components"]
-        return [
-            (name, comp, key, raw)
-            for name, comp in components.items()
-            for key, raw in comp["variants"].items()
-            if any(p in raw.get("providers", ()) for p in TENSORRT_PROVIDERS)
-        ]
-    except (KeyError, AttributeError, TypeError) as exc:
-        raise BundleError(f"manifest lacks components/variants ({exc}); rebuild the bundle") from None
+def _tensorrt_variants(manifest: Manifest) -> list[tuple[str, Component, str, VariantEntry]]:
+    return [
+        (name, comp, key, variant)
+        for name, comp in manifest.components.items()
+        for key, variant in comp.variants.items()
+        if variant.for_tensorrt
+    ]
 
 
-def _check_int8_qdq(component: str, key: str, raw: Mapping[str, Any], dla_core: int | None) -> None:
+# Recipes whose graph carries QDQ nodes (the TensorRT INT8 recipe), from the registry.
+QDQ_RECIPES = frozenset(r.recipe for r in RECIPES.values() if r.evaluation is Evaluation.FLOAT_QDQ)
+
+
+def _check_int8_qdq(component: str, key: str, variant: VariantEntry, dla_core: int | None) -> None:
     """TensorRT 10+ takes INT8 from QDQ nodes only; the implicit calibrator is deprecated."""
-    recipe = str(raw.get("recipe", ""))
-    if raw.get("precision") == "int8" and "qdq" not in recipe:
+    if variant.precision == "int8" and variant.recipe not in QDQ_RECIPES:
         where = f" on DLA core {dla_core}" if dla_core is not None else ""
         raise InputError(
-            f"variant {component}/{key} is INT8 without QDQ nodes (recipe '{recipe}'); TensorRT builds INT8{where} "
+            f"variant {component}/{key} is INT8 without QDQ nodes (recipe '{variant.recipe or ''}'); TensorRT builds INT8{where} "
             "only from a QDQ graph, rebuild the bundle with --precision int8"
         )
 
 
 def plan(
-    manifest: Mapping[str, Any], target: Target, precisions: Sequence[str] | None = None, dla_core: int | None = None
+    manifest: Manifest | Mapping[str, Any], target: Target, precisions: Sequence[str] | None = None, dla_core: int | None = None
 ) -> list[EnginePlan]:
     """One EnginePlan per (component, TensorRT variant) of `manifest` for `target`.
 
     `precisions` picks variants by precision (all the target can run when None, which
     with DLA means fp16 and int8). `dla_core` puts the engines on that DLA core with GPU
     fallback and static shapes at the opt sizes. Defaults to GPU engines of every
-    TensorRT variant.
+    TensorRT variant. `manifest` is typed, or its JSON (validated here).
     """
+    if not isinstance(manifest, Manifest):
+        manifest = Manifest.from_json(manifest)
     _check_request(target, precisions, dla_core)
     candidates = _tensorrt_variants(manifest)
     if not candidates:
         raise InputError("this bundle has no variant meant for TensorRT (manifest providers); rebuild it with vlm-export build")
     runnable = DLA_PRECISIONS if dla_core is not None else target.precisions
     wanted = tuple(precisions) if precisions else runnable
-    available = sorted({str(raw.get("precision")) for _, _, _, raw in candidates})
+    available = sorted({variant.precision for _, _, _, variant in candidates})
     missing = [p for p in precisions or () if p not in available]
     if missing:
         raise InputError(f"this bundle has no {missing[0]} variant for TensorRT; it has: {', '.join(available)} (--precision)")
     folder = f"engines/{target.name}"
     suffix = f".dla{dla_core}" if dla_core is not None else ""
     plans = []
-    limits = model_ranges(manifest)
-    for name, comp, key, raw in candidates:
-        if raw.get("precision") not in wanted:
+    for name, comp, key, variant in candidates:
+        if variant.precision not in wanted:
             continue
-        _check_int8_qdq(name, key, raw, dla_core)
+        _check_int8_qdq(name, key, variant, dla_core)
         inputs = tuple(
-            input_profile(spec, target, f"component '{name}'", static=dla_core is not None, limits=limits)
-            for spec in comp["inputs"]
+            input_profile(spec, target, f"component '{name}'", comp.dims, static=dla_core is not None) for spec in comp.inputs
         )
         plans.append(EnginePlan(
-            component=name, variant=key, precision=str(raw["precision"]), target=target.name,
+            component=name, variant=key, precision=variant.precision, target=target.name,
             tensorrt=target.tensorrt, compute_capability=target.compute_capability,
-            onnx=plain_relative(raw.get("onnx"), "the bundle").as_posix(), engine=plain_relative(f"{folder}/{name}.{key}{suffix}.plan", "the bundle").as_posix(), inputs=inputs,
-            strongly_typed=raw["precision"] != "fp32", workspace_mib=target.workspace_mib,
+            onnx=plain_relative(variant.onnx, "the bundle").as_posix(), engine=plain_relative(f"{folder}/{name}.{key}{suffix}.plan", "the bundle").as_posix(), inputs=inputs,
+            strongly_typed=variant.precision != "fp32", workspace_mib=target.workspace_mib,
             timing_cache=f"{folder}/timing.cache", dla_core=dla_core,
         ))
     if not plans:
@@ -268,27 +243,28 @@ def plan(
 def ort_trt_provider_options(plan: EnginePlan, root: str | Path | None = None, cache_dir: str | Path | None = None) -> dict[str, Any]:
     """onnxruntime TensorrtExecutionProvider options for the same engine as `plan`.
 
-    The EP builds its own engine from the ONNX file (its cache is not our .plan), so the
-    flags restate the plan: fp16/int8 enabled per variant (INT8 from the graph's QDQ, no
-    calibration table), the same profile shapes, workspace, timing cache and DLA core.
-    `cache_dir` defaults to `<engine folder>/ort-trt-cache` under `root` (the bundle).
+    Rendered by the runtime's `ep_provider_options` from `plan.ep_record()`, the form the
+    build records in the manifest. `cache_dir` defaults to `<engine folder>/ort-trt-cache`
+    under `root` (the bundle), the timing cache to the engine folder.
     """
-    base = Path(root) if root is not None else Path()
-    engine_dir = base / Path(plan.engine).parent
-    options: dict[str, Any] = {
-        "trt_fp16_enable": plan.precision == "fp16",
-        "trt_int8_enable": plan.precision == "int8",
-        "trt_engine_cache_enable": True,
-        "trt_engine_cache_path": str(Path(cache_dir) if cache_dir is not None else engine_dir / "ort-trt-cache"),
-        "trt_timing_cache_enable": True,
-        "trt_timing_cache_path": str(engine_dir),
-        "trt_max_workspace_size": plan.workspace_mib * (1 << 20),
+    engine_dir = (Path(root) if root is not None else Path()) / Path(plan.engine).parent
+    engine_cache = Path(cache_dir) if cache_dir is not None else engine_dir / "ort-trt-cache"
+    return ep_provider_options(plan.precision, plan.ep_record(), engine_cache=engine_cache, timing_cache=engine_dir)
+
+
+def record_ep_plans(manifest: Manifest) -> Manifest:
+    """`manifest` with, per TensorRT variant, the EP plan of every known target.
+
+    Why every target: a bundle is built once and copied to devices of several kinds; the
+    runtime never plans, so `load(provider="tensorrt-ep", target=...)` reads the plan of
+    the device's target from here. GPU profiles only (DLA is the engine command's).
+    """
+    recorded: dict[tuple[str, str], dict[str, EpPlan]] = {}
+    for target in TARGETS.values():
+        for p in plan(manifest, target):
+            recorded.setdefault((p.component, p.variant), {})[target.name] = p.ep_record()
+    components = {
+        name: replace(comp, variants={key: replace(v, tensorrt_ep=recorded.get((name, key), {})) for key, v in comp.variants.items()})
+        for name, comp in manifest.components.items()
     }
-    dynamic = plan.dynamic_inputs
-    if dynamic:
-        for which in ("min", "opt", "max"):
-            options[f"trt_profile_{which}_shapes"] = ",".join(i.shape_arg(which) for i in dynamic)
-    if plan.dla_core is not None:
-        options["trt_dla_enable"] = True
-        options["trt_dla_core"] = plan.dla_core
-    return options
+    return replace(manifest, components=components)

@@ -13,6 +13,7 @@ really built with, and the runtime checks those, never these.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from vlm_export.errors import InputError
 
@@ -59,34 +60,25 @@ class Target:
         return self.jetpack is not None
 
 
-_ORIN = dict(compute_capability="8.7", tensorrt="10.3", cuda="12.6", jetpack="6.2")
 _ORIN_PRECISIONS = ("fp32", "fp16", "int8")  # Ampere iGPU: no FP8 tensor cores
+
+
+def _orin(name: str, description: str, **sizes: Any) -> "Target":
+    """An Orin module on JetPack 6.2 (sm_87, TensorRT 10.3, CUDA 12.6): only memory, DLA
+    cores, workspace and shape ranges differ between Nano, NX and AGX."""
+    return Target(name=name, description=description, compute_capability="8.7", tensorrt="10.3", cuda="12.6",
+                  jetpack="6.2", precisions=_ORIN_PRECISIONS, **sizes)
 _DESKTOP = dict(tensorrt="10.13", cuda="12.9", jetpack=None, dla_cores=0)
 
 TARGETS: dict[str, Target] = {
     t.name: t
     for t in (
-        Target(
-            name="jetson-orin-nano",
-            description="Jetson Orin Nano 8GB (Ampere iGPU, 1024 CUDA cores, no DLA)",
-            memory_gib=8, dla_cores=0, precisions=_ORIN_PRECISIONS, workspace_mib=1024,
-            batch=Range(1, 1, 4), patches=Range(64, 1024, 4096), sequence=Range(1, 128, 1024),
-            **_ORIN,
-        ),
-        Target(
-            name="jetson-orin-nx",
-            description="Jetson Orin NX 16GB (Ampere iGPU, 1024 CUDA cores, 2 DLA cores)",
-            memory_gib=16, dla_cores=2, precisions=_ORIN_PRECISIONS, workspace_mib=2048,
-            batch=Range(1, 1, 8), patches=Range(64, 1024, 4096), sequence=Range(1, 256, 2048),
-            **_ORIN,
-        ),
-        Target(
-            name="jetson-agx-orin",
-            description="Jetson AGX Orin 64GB (Ampere iGPU, 2048 CUDA cores, 2 DLA cores)",
-            memory_gib=64, dla_cores=2, precisions=_ORIN_PRECISIONS, workspace_mib=4096,
-            batch=Range(1, 4, 16), patches=Range(64, 1024, 8192), sequence=Range(1, 256, 4096),
-            **_ORIN,
-        ),
+        _orin("jetson-orin-nano", "Jetson Orin Nano 8GB (Ampere iGPU, 1024 CUDA cores, no DLA)", memory_gib=8, dla_cores=0,
+              workspace_mib=1024, batch=Range(1, 1, 4), patches=Range(64, 1024, 4096), sequence=Range(1, 128, 1024)),
+        _orin("jetson-orin-nx", "Jetson Orin NX 16GB (Ampere iGPU, 1024 CUDA cores, 2 DLA cores)", memory_gib=16, dla_cores=2,
+              workspace_mib=2048, batch=Range(1, 1, 8), patches=Range(64, 1024, 4096), sequence=Range(1, 256, 2048)),
+        _orin("jetson-agx-orin", "Jetson AGX Orin 64GB (Ampere iGPU, 2048 CUDA cores, 2 DLA cores)", memory_gib=64, dla_cores=2,
+              workspace_mib=4096, batch=Range(1, 4, 16), patches=Range(64, 1024, 8192), sequence=Range(1, 256, 4096)),
         Target(
             name="jetson-thor",
             description="Jetson AGX Thor 128GB (Blackwell iGPU, FP8/FP4, no DLA)",

@@ -69,4 +69,31 @@ def export_component(spec: ComponentSpec, out_path: Path) -> Path:
             verbose=False,
         )
         program.save(str(out_path), external_data=False)
+    _strip_source_metadata(out_path)
     return out_path
+
+
+def _strip_source_metadata(path: Path) -> None:
+    """Drop the exporter's per-node metadata (stack traces with file paths and line numbers,
+    module-qualified class names).
+
+    Why: with it, the ONNX bytes, and so every sha256 in the manifest, depended on where
+    the vlm-export checkout lies and on unrelated edits above a wrapper's `forward`; a
+    deployment pipeline that diffs artifacts by checksum saw a different bundle from the
+    same model. Nothing downstream reads it (quantizers, onnxruntime, TensorRT).
+    """
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    graphs = [model.graph]
+    while graphs:
+        graph = graphs.pop()
+        for node in graph.node:
+            del node.metadata_props[:]
+            graphs.extend(a.g for a in node.attribute if a.HasField("g"))
+            for attr in node.attribute:
+                graphs.extend(attr.graphs)
+    for function in model.functions:
+        for node in function.node:
+            del node.metadata_props[:]
+    onnx.save(model, str(path))

@@ -19,7 +19,6 @@ _REGISTRY: dict[str, str] = {
     "vit": "vlm_export.families.vit:VitFamily",
     "dinov2": "vlm_export.families.vit:VitFamily",
     "clip": "vlm_export.families.clip:ClipFamily",
-    "siglip": "vlm_export.families.clip:ClipFamily",
     "llava": "vlm_export.families.llava:LlavaFamily",
     "blip": "vlm_export.families.blip:BlipFamily",
     "qwen2_vl": "vlm_export.families.qwen2_vl:Qwen2VLFamily",

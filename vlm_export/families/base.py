@@ -11,11 +11,15 @@ import enum
 from dataclasses import dataclass, field
 from pathlib import Path
 from contextlib import AbstractContextManager, nullcontext
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
+
+from vlm_export.bundle.records import BATCH, DimSpec
 
 if TYPE_CHECKING:  # build-time types only; importing this module never imports torch
     import numpy as np
     import torch
+
+    from vlm_export.verify.records import ParityRecord
 
 
 Dim = int | str
@@ -49,7 +53,7 @@ class ParityKind(str, enum.Enum):
 class Tolerance:
     """Pass criteria of one variant; None means "not checked".
 
-    Defaults follow DESIGN.md: fp32 max_abs <= 1e-4 * scale, fp16 cosine >= 0.999,
+    Defaults follow ../shared/DESIGN.md: fp32 max_abs <= 1e-4 * scale, fp16 cosine >= 0.999,
     int8 cosine >= 0.99 and top-1 agreement >= 0.98 where a classifier exists.
     """
 
@@ -85,6 +89,16 @@ class ComponentSpec:
     # is not shown to keep); the manifest lists them under "fp32_fallback" and the runtime
     # runs FP32 for this component when INT8 is asked.
     int8: bool = True
+    # Every symbolic input dimension: which target range sizes it, the range the model
+    # itself allows, and whether it is a KV-cache axis. Recorded in the manifest
+    # (`components.<c>.dims`) for engine profiles and benchmark sizes. Defaults to a
+    # batch axis only.
+    dims: Mapping[str, DimSpec] = field(default_factory=lambda: {"batch": BATCH})
+
+    def __post_init__(self) -> None:
+        undeclared = sorted({d for t in self.inputs for d in t.shape if isinstance(d, str)} - set(self.dims))
+        if undeclared:
+            raise ValueError(f"component '{self.name}' inputs use dimension(s) {', '.join(undeclared)} that its dims do not declare")
 
 
 @dataclass(frozen=True)
@@ -129,20 +143,22 @@ class Family(Protocol):
         is that component's sample axis. Used for calibration, the INT8 guard and parity.
         Ragged samples (each with its own length on a dynamic axis, e.g. Qwen2-VL's
         patches) come as a list of per-sample arrays instead: they run one feed per
-        sample (`quantize.reader.is_ragged`), and parity compares the outputs
-        zero-padded to one shape and stacked (`verify.metrics.pad_stack`).
+        sample (`verify.feeds.is_ragged`), and parity compares the outputs
+        zero-padded to one shape and stacked (`verify.feeds.run_batched`).
         """
         ...
 
 
+@runtime_checkable
 class EndToEndParity(Protocol):
     """Optional family hook: parity of what the user sees (zero-shot argmax, captions).
 
-    `variants[component][variant_key]` are the ONNX files written so far. Returns records
-    stored in parity.json under "end_to_end": {"name", "variant", "metrics", "tolerance",
-    "passed", "failures"}; a failed one fails the build like a component record.
+    `variants[component][variant_key]` are the ONNX files written so far. Returns
+    verify.ParityRecord end-to-end records (built with `verify.check_variants` from a
+    reference function, a candidate function and a compare function), stored in
+    parity.json under "end_to_end"; a failed one fails the build like a component record.
     """
 
     def end_to_end_parity(
         self, loaded: LoadedModel, variants: Mapping[str, Mapping[str, Path]], images: Sequence[Any]
-    ) -> list[dict[str, Any]]: ...
+    ) -> "list[ParityRecord]": ...

@@ -17,16 +17,19 @@ sigmoid head. A later slice can add it with its own tokenizer recipe.
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
 from vlm_export.errors import InputError, UnsupportedModelError
+from vlm_export.bundle.schema import BATCH, AxisKind, DimRange, DimSpec
 from vlm_export.families.base import ComponentSpec, LoadedModel, ParityKind, TensorSpec
-from vlm_export.families.loading import load_pretrained, load_slow_image_processor, quiet_transformers, read_config
-from vlm_export.recipes import precision_of
+from vlm_export.families.common import load_image_processor, load_tokenizer, pixel_values, vision_component
+from vlm_export.families.loading import load_pretrained, read_config
+
+if TYPE_CHECKING:
+    from vlm_export.verify import ParityRecord
 
 PROMPT_TEMPLATE = "a photo of a {label}"
 
@@ -42,32 +45,6 @@ TOKENIZER_FILE_SETS: tuple[tuple[str, ...], ...] = (("tokenizer.json",), ("vocab
 TOKENIZER_FILE = "tokenizer.json"
 
 
-@dataclass(frozen=True)
-class ZeroShotTolerance:
-    """Pass criteria of the zero-shot check, per precision.
-
-    `logits_max_abs` is in cosine units, multiplied by exp(logit_scale) (100 for trained
-    CLIP), so it reads like the per-tower cosine tolerances: fp32 1e-4, fp16 2e-3, int8
-    2e-2. `zeroshot_agreement` (reported) is the fraction of images whose top label equals
-    PyTorch's; the verdict reads `zeroshot_agreement_ties_ok`, which also counts an image
-    whose two labels PyTorch scores within the logits tolerance (a tie at this precision:
-    random tiny models have top-1 margins of 0.002 logits, trained CLIP rarely does).
-    """
-
-    agreement: float
-    logits_max_abs: float
-
-    def scaled(self, logit_scale: float) -> dict[str, float]:
-        return {"zeroshot_agreement": self.agreement, "logits_max_abs": self.logits_max_abs * logit_scale}
-
-
-ZERO_SHOT_TOLERANCES: dict[str, ZeroShotTolerance] = {
-    "fp32": ZeroShotTolerance(agreement=1.0, logits_max_abs=1e-4),
-    "fp16": ZeroShotTolerance(agreement=1.0, logits_max_abs=2e-3),
-    "int8": ZeroShotTolerance(agreement=0.98, logits_max_abs=2e-2),
-}
-
-
 class ClipFamily:
     """CLIP dual encoders: `vision` and `text` components, zero-shot end-to-end parity."""
 
@@ -80,7 +57,7 @@ class ClipFamily:
         config_json = read_config(model_dir)
         _check_tokenizer_files(model_dir)
         model = load_pretrained(model_dir, "CLIPModel")
-        processor = load_slow_image_processor(model_dir)
+        processor = load_image_processor(model_dir)
         preprocess = preprocess_config_from_processor(processor)
         check_input_size(preprocess, model_dir, model.config.vision_config)
         tokenizer = _load_tokenizer(model_dir)
@@ -116,8 +93,6 @@ class ClipFamily:
             manifest_extra={
                 "tokenizer": tokenizer_section,
                 "clip": clip_section,
-                # TensorRT profiles: text never runs longer than the model's positions.
-                "dim_ranges": {"sequence": {"min": 1, "opt": max_length, "max": max_length}},
             },
         )
 
@@ -126,81 +101,48 @@ class ClipFamily:
 
     def sample_inputs(self, loaded: LoadedModel, images: Sequence[Any]) -> dict[str, np.ndarray]:
         """Pixels of `images` and the tokens of "a photo of a {label}" over ZERO_SHOT_LABELS."""
-        pixel_values = loaded.extra["processor"](images=list(images), return_tensors="np")["pixel_values"]
-        return {"pixel_values": np.asarray(pixel_values, dtype=np.float32), **_prompt_tokens(loaded, ZERO_SHOT_LABELS)}
+        return {"pixel_values": pixel_values(loaded.extra["processor"], images), **_prompt_tokens(loaded, ZERO_SHOT_LABELS)}
 
     def end_to_end_parity(
         self, loaded: LoadedModel, variants: Mapping[str, Mapping[str, Path]], images: Sequence[Any]
-    ) -> list[dict[str, Any]]:
+    ) -> list[ParityRecord]:
         """Zero-shot of every variant (parity images × label prompts) against `CLIPModel.forward`."""
         import torch
 
         from vlm_export.runtime.clip import zero_shot_logits
+        from vlm_export.verify import CompareFunc, check_variants
         from vlm_export.verify.evaluation import verdict_session
 
         feed = self.sample_inputs(loaded, images)
-        with torch.no_grad():
-            out = loaded.model(**{k: torch.from_numpy(v) for k, v in feed.items()})
-        reference = out.logits_per_image.double().numpy()
         scale = float(loaded.manifest_extra["clip"]["logit_scale"])
-        records = []
-        for key in [k for k in variants.get("vision", {}) if k in variants.get("text", {})]:
+
+        def reference() -> np.ndarray:
+            with torch.no_grad():
+                return loaded.model(**{k: torch.from_numpy(v) for k, v in feed.items()}).logits_per_image.double().numpy()
+
+        def candidate(key: str) -> np.ndarray:
             vision = verdict_session(variants["vision"][key], key)
             text = verdict_session(variants["text"][key], key)
             image_embeds = vision.run(["image_embeds"], {"pixel_values": feed["pixel_values"]})[0]
             text_embeds = text.run(["text_embeds"], {k: feed[k] for k in ("input_ids", "attention_mask")})[0]
-            logits = zero_shot_logits(image_embeds, text_embeds, scale)
-            records.append(_zero_shot_record(key, reference, logits, scale, len(ZERO_SHOT_LABELS)))
-        return records
+            return zero_shot_logits(image_embeds, text_embeds, scale)
 
-
-def _zero_shot_record(key: str, reference: np.ndarray, logits: np.ndarray, scale: float, labels: int) -> dict[str, Any]:
-    from vlm_export.runtime.clip import softmax
-
-    finite = bool(np.all(np.isfinite(logits)))
-    tolerance = ZERO_SHOT_TOLERANCES[precision_of(key)].scaled(scale)
-    chosen = logits.argmax(-1) if finite else np.zeros(len(reference), dtype=int)
-    same = reference.argmax(-1) == chosen
-    tie = reference.max(-1) - reference[np.arange(len(reference)), chosen] <= tolerance["logits_max_abs"]
-    metrics = {
-        "zeroshot_agreement": float(np.mean(same)) if finite else 0.0,
-        "zeroshot_agreement_ties_ok": float(np.mean(same | tie)) if finite else 0.0,
-        "logits_max_abs": float(np.max(np.abs(logits - reference))) if finite else float("inf"),
-        "probs_max_abs": float(np.max(np.abs(softmax(logits) - softmax(reference)))) if finite else float("inf"),
-        "top1_margin_min": float(np.min(np.diff(np.sort(reference, axis=-1)[:, -2:], axis=-1))),
-    }
-    failures = [] if finite else ["logits have NaN/Inf"]
-    if metrics["zeroshot_agreement_ties_ok"] < tolerance["zeroshot_agreement"]:
-        failures.append(f"zeroshot_agreement {metrics['zeroshot_agreement']:.3f} "
-                        f"(ties within the logits tolerance {metrics['zeroshot_agreement_ties_ok']:.3f}) < {tolerance['zeroshot_agreement']}")
-    if not metrics["logits_max_abs"] <= tolerance["logits_max_abs"]:
-        failures.append(f"logits_max_abs {metrics['logits_max_abs']:.3g} > {tolerance['logits_max_abs']:.3g}")
-    return {"name": "zero_shot", "variant": key, "metrics": metrics, "tolerance": tolerance, "passed": not failures,
-            "failures": failures, "samples": int(reference.shape[0]), "labels": labels}
+        keys = [k for k in variants.get("vision", {}) if k in variants.get("text", {})]
+        return check_variants("zero_shot", keys, reference, candidate, CompareFunc.zero_shot(scale),
+                              lambda key, logits: {"labels": len(ZERO_SHOT_LABELS)})
 
 
 def _vision_spec(loaded: LoadedModel) -> ComponentSpec:
-    from vlm_export.families.vit import _crop_hw
-
     cfg = loaded.model.config
-    size = _crop_hw(loaded.preprocess)
-    channels = int(getattr(cfg.vision_config, "num_channels", 3))
-
-    def example_inputs(batch: int) -> dict[str, np.ndarray]:
-        rng = np.random.default_rng(batch)
-        return {"pixel_values": rng.standard_normal((batch, channels, *size), dtype=np.float32)}
-
-    return ComponentSpec(
-        name="vision",
+    return vision_component(
         module=_vision_wrapper(loaded.model),
-        inputs=(TensorSpec("pixel_values", "float32", ("batch", channels, *size)),),
+        preprocess=loaded.preprocess,
+        channels=int(getattr(cfg.vision_config, "num_channels", 3)),
         outputs=(
             TensorSpec("image_embeds", "float32", ("batch", int(cfg.projection_dim))),
             TensorSpec("pooler_output", "float32", ("batch", int(cfg.vision_config.hidden_size))),
         ),
-        example_inputs=example_inputs,
         parity_output="image_embeds",
-        parity_kind=ParityKind.EMBEDDING,
     )
 
 
@@ -238,6 +180,8 @@ def _text_spec(loaded: LoadedModel) -> ComponentSpec:
         example_inputs=example_inputs,
         parity_output="text_embeds",
         parity_kind=ParityKind.EMBEDDING,
+        # Text is padded to max_length and never runs longer than the model's positions.
+        dims={"batch": BATCH, "sequence": DimSpec(AxisKind.SEQUENCE, DimRange(1, max_length, max_length))},
     )
 
 
@@ -297,18 +241,8 @@ def _check_tokenizer_files(model_dir: Path) -> None:
 
 
 def _load_tokenizer(model_dir: Path) -> Any:
-    from transformers import AutoTokenizer
-
-    quiet_transformers()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False)
-    except Exception as exc:  # noqa: BLE001 - a broken tokenizer file raises anything from the Rust side
-        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"cannot load the tokenizer from '{model_dir}': {first}; re-save it with save_pretrained()") from None
-    if getattr(tokenizer, "backend_tokenizer", None) is None:
-        raise UnsupportedModelError(
-            f"tokenizer {type(tokenizer).__name__} in '{model_dir}' has no `tokenizers` (fast) form; the runtime needs tokenizer.json"
-        )
+    """The model's tokenizer, with the pad token and right padding the runtime uses."""
+    tokenizer = load_tokenizer(model_dir)
     if tokenizer.pad_token_id is None:
         raise UnsupportedModelError(f"tokenizer {type(tokenizer).__name__} in '{model_dir}' has no pad token; set one and re-save it")
     tokenizer.padding_side = "right"  # what the runtime does; CLIP pools the first end-of-text token

@@ -9,7 +9,7 @@ the LLM's hidden size, the image token id and how many tokens one image becomes.
 
 Why the wrapper calls the parts and not `get_image_features`: in transformers 5 that
 method returns a Python list of per-image tensors, and the export of `list(features)`
-came out fixed at the trace's batch of 2 (DESIGN.md). The wrapper does the same steps on
+came out fixed at the trace's batch of 2 (../shared/DESIGN.md). The wrapper does the same steps on
 the whole batch; every build checks it against the real `get_image_features` on the
 parity images (`end_to_end_parity`).
 """
@@ -17,13 +17,17 @@ parity images (`end_to_end_parity`).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
 from vlm_export.errors import UnsupportedModelError
-from vlm_export.families.base import ComponentSpec, LoadedModel, ParityKind, TensorSpec
-from vlm_export.families.loading import load_pretrained, load_slow_image_processor, read_config
+from vlm_export.families.base import ComponentSpec, LoadedModel, TensorSpec
+from vlm_export.families.common import crop_hw, load_image_processor, pixel_values, vision_component
+from vlm_export.families.loading import load_pretrained, read_config
+
+if TYPE_CHECKING:
+    from vlm_export.verify import ParityRecord
 
 # Vision towers whose LLaVA export is supported, by the vision_config's model_type; the
 # value says whether the tower puts a CLS token before the patches.
@@ -43,7 +47,7 @@ class LlavaFamily:
         config_json = read_config(model_dir)
         tower_type = _check_config(config_json, model_dir)
         model = load_pretrained(model_dir, "LlavaForConditionalGeneration")
-        processor = load_slow_image_processor(model_dir)
+        processor = load_image_processor(model_dir)
         preprocess = preprocess_config_from_processor(processor)
         check_input_size(preprocess, model_dir, model.config.vision_config)
         cfg = model.config
@@ -70,69 +74,47 @@ class LlavaFamily:
         )
 
     def components(self, loaded: LoadedModel) -> list[ComponentSpec]:
-        from vlm_export.families.vit import _crop_hw
-
         cfg = loaded.model.config
-        size = _crop_hw(loaded.preprocess)
-        channels = int(getattr(cfg.vision_config, "num_channels", 3))
         llm = loaded.manifest_extra["llm"]
-
-        def example_inputs(batch: int) -> dict[str, np.ndarray]:
-            rng = np.random.default_rng(batch)
-            return {"pixel_values": rng.standard_normal((batch, channels, *size), dtype=np.float32)}
-
         return [
-            ComponentSpec(
+            vision_component(
                 name="vision_projector",
                 module=_wrapper(loaded.model, loaded.extra["layers"], str(cfg.vision_feature_select_strategy)),
-                inputs=(TensorSpec("pixel_values", "float32", ("batch", channels, *size)),),
+                preprocess=loaded.preprocess,
+                channels=int(getattr(cfg.vision_config, "num_channels", 3)),
                 outputs=(TensorSpec("image_features", "float32", ("batch", llm["tokens_per_image"], llm["hidden_size"])),),
-                example_inputs=example_inputs,
                 parity_output="image_features",
-                parity_kind=ParityKind.EMBEDDING,
             )
         ]
 
     def sample_inputs(self, loaded: LoadedModel, images: Sequence[Any]) -> dict[str, np.ndarray]:
-        pixel_values = loaded.extra["processor"](images=list(images), return_tensors="np")["pixel_values"]
-        return {"pixel_values": np.asarray(pixel_values, dtype=np.float32)}
+        return {"pixel_values": pixel_values(loaded.extra["processor"], images)}
 
     def end_to_end_parity(
         self, loaded: LoadedModel, variants: Mapping[str, Mapping[str, Path]], images: Sequence[Any]
-    ) -> list[dict[str, Any]]:
+    ) -> list[ParityRecord]:
         """Each variant against the real `get_image_features` (not the export wrapper)."""
         import torch
 
-        from vlm_export.recipes import precision_of
+        from vlm_export.verify import CompareFunc, check_variants
         from vlm_export.verify.evaluation import verdict_session
-        from vlm_export.verify.metrics import compare, cosine_per_sample
-        from vlm_export.verify.tolerances import default_tolerance, failures
 
-        pixel_values = self.sample_inputs(loaded, images)["pixel_values"]
+        feed = self.sample_inputs(loaded, images)
         cfg = loaded.model.config
-        with torch.no_grad():
-            out = loaded.model.get_image_features(
-                pixel_values=torch.from_numpy(pixel_values),
-                vision_feature_layer=cfg.vision_feature_layer,
-                vision_feature_select_strategy=cfg.vision_feature_select_strategy,
-            )
-        reference = torch.stack(list(out.pooler_output)).numpy()
-        tokens = int(loaded.manifest_extra["llm"]["tokens_per_image"])
-        records = []
-        for key, path in variants.get("vision_projector", {}).items():
-            got = verdict_session(path, key).run(["image_features"], {"pixel_values": pixel_values})[0]
-            if got.shape != reference.shape or got.shape[1] != tokens:
-                metrics, reasons = {}, [f"shape {got.shape} differs from get_image_features {reference.shape} or {tokens} tokens/image"]
-                tolerance = {}
-            else:
-                metrics = compare(reference, got, ParityKind.EMBEDDING)
-                metrics["token_cosine_min"] = float(cosine_per_sample(reference.reshape(-1, reference.shape[-1]),
-                                                                      got.reshape(-1, got.shape[-1])).min())
-                tol = default_tolerance(precision_of(key), ParityKind.EMBEDDING, metrics["scale"])
-                reasons, tolerance = failures(metrics, tol), tol.to_json()
-            records.append({"name": "get_image_features", "variant": key, "metrics": metrics, "tolerance": tolerance,
-                            "passed": not reasons, "failures": reasons, "samples": int(reference.shape[0])})
-        return records
+
+        def reference() -> np.ndarray:
+            with torch.no_grad():
+                out = loaded.model.get_image_features(
+                    pixel_values=torch.from_numpy(feed["pixel_values"]),
+                    vision_feature_layer=cfg.vision_feature_layer,
+                    vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+                )
+            return torch.stack(list(out.pooler_output)).numpy()
+
+        paths = variants.get("vision_projector", {})
+        compare = CompareFunc.features(rows=True, rows_per_sample=int(loaded.manifest_extra["llm"]["tokens_per_image"]))
+        return check_variants("get_image_features", paths, reference,
+                              lambda key: verdict_session(paths[key], key).run(["image_features"], feed)[0], compare)
 
 
 def _check_config(config: Mapping[str, Any], model_dir: Path) -> str:
@@ -159,9 +141,7 @@ def _layers(layer: int | Sequence[int]) -> tuple[int, ...]:
 
 def _tokens_per_image(preprocess: Mapping[str, Any], patch: int, tower: str, strategy: str) -> int:
     """Rows one image becomes: its patches, plus the CLS token that "full" keeps."""
-    from vlm_export.families.vit import _crop_hw
-
-    height, width = _crop_hw(preprocess)
+    height, width = crop_hw(preprocess)
     cls = 1 if SUPPORTED_TOWERS[tower] else 0
     return (height // patch) * (width // patch) + cls - (1 if strategy == "default" else 0)
 

@@ -175,17 +175,3 @@ def _natural(key: str) -> list[Any]:
 
 def _shape(shape: Any) -> str:
     return "[" + ", ".join(str(int(d)) for d in shape) + "]"
-
-
-def load_slow_image_processor(model_dir: Path) -> Any:
-    """The model's own (slow, PIL-based) image processor from preprocessor_config.json."""
-    from transformers import AutoImageProcessor
-
-    quiet_transformers()
-    path = model_dir / "preprocessor_config.json"
-    if not path.is_file():
-        raise InputError(f"'{path}' is missing; save the model's image processor with save_pretrained() next to it")
-    try:
-        return AutoImageProcessor.from_pretrained(str(model_dir), local_files_only=True, backend="pil")
-    except (OSError, ValueError, KeyError) as exc:
-        raise InputError(f"cannot load the image processor from '{path}': {str(exc).splitlines()[0][:300]}") from None

@@ -1,6 +1,6 @@
 """Qwen2-VL family: the vision transformer + patch merger as one graph over a dynamic patch axis.
 
-Why a re-implemented forward: the model's own vision tower does not export (DESIGN.md):
+Why a re-implemented forward: the model's own vision tower does not export (../shared/DESIGN.md):
 it builds rotary position ids by looping over `grid_thw` and splits attention per image
 with `cu_seqlens.tolist()`, so a trace freezes one image size. The wrapper here runs the
 model's own modules (patch_embed, each block's norms, qkv, proj and MLP, the merger) on a
@@ -13,15 +13,20 @@ hold several images, and one ONNX file serves every image size in the patch rang
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
 from vlm_export.errors import BundleError, InputError, UnsupportedModelError
+from vlm_export.bundle.schema import AxisKind, DimRange, DimSpec
 from vlm_export.families.base import ComponentSpec, LoadedModel, ParityKind, TensorSpec
-from vlm_export.families.loading import load_pretrained, load_slow_image_processor, read_config
+from vlm_export.families.common import load_image_processor
+from vlm_export.families.loading import load_pretrained, read_config
 from vlm_export.runtime.preprocess import RESAMPLE
 from vlm_export.runtime.qwen2_vl import PatchRange, Qwen2VLPreprocessConfig, Qwen2VLPreprocessor, vision_feed
+
+if TYPE_CHECKING:
+    from vlm_export.verify import ParityRecord
 
 # (width, height) of the per-resolution parity check: square, 4:3 both ways, large, tall, wide.
 PARITY_SIZES: tuple[tuple[int, int], ...] = ((224, 224), (448, 336), (640, 480), (896, 896), (280, 1120), (1120, 280))
@@ -160,7 +165,7 @@ class Qwen2VLFamily:
     def load(self, model_dir: Path) -> LoadedModel:
         config_json = read_config(model_dir)
         model = load_pretrained(model_dir, "Qwen2VLForConditionalGeneration")
-        processor = load_slow_image_processor(model_dir)
+        processor = load_image_processor(model_dir)
         visual = model.model.visual
         preprocess = preprocess_config(processor, visual.config)
         inv_freq = visual.rotary_pos_emb.inv_freq.detach().float().numpy()
@@ -203,6 +208,9 @@ class Qwen2VLFamily:
                 example_inputs=example_inputs,
                 parity_output="image_features",
                 parity_kind=ParityKind.EMBEDDING,
+                # The resize rule never makes fewer or more patches than this (no batch axis:
+                # images are concatenated along the patches).
+                dims={"patches": DimSpec(AxisKind.PATCHES, DimRange(**PatchRange.from_config(pre).to_dict()))},
             )
         ]
 
@@ -225,7 +233,7 @@ class Qwen2VLFamily:
 
     def end_to_end_parity(
         self, loaded: LoadedModel, variants: Mapping[str, Mapping[str, Path]], images: Sequence[Any]
-    ) -> list[dict[str, Any]]:
+    ) -> list[ParityRecord]:
         """Each variant vs the model's own `get_image_features` at PARITY_SIZES, one ONNX file each.
 
         Why against the model and not the wrapper: this also proves that the wrapper and
@@ -237,38 +245,28 @@ class Qwen2VLFamily:
 def resolution_parity(
     family: Qwen2VLFamily, loaded: LoadedModel, paths: Mapping[str, Path], images: Sequence[Any],
     sizes: Sequence[tuple[int, int]],
-) -> list[dict[str, Any]]:
+) -> list[ParityRecord]:
     """One record per (size, variant): an image resized to (width, height), then the model's
     processor; cosine/max_abs of the ONNX variant vs PyTorch `get_image_features`."""
     import torch
     from PIL import Image
 
-    from vlm_export.recipes import precision_of
+    from vlm_export.verify import CompareFunc, check_variants
     from vlm_export.verify.evaluation import verdict_session
-    from vlm_export.verify.metrics import compare
-    from vlm_export.verify.tolerances import default_tolerance, failures
 
     sessions = {key: verdict_session(path, key) for key, path in paths.items()}
     records = []
     for index, (width, height) in enumerate(sizes):
         image = images[index % len(images)].convert("RGB").resize((width, height), Image.Resampling.BICUBIC)
         feed, grid = family.image_inputs(loaded, image)
-        with torch.no_grad():
-            out = loaded.model.get_image_features(torch.from_numpy(feed["pixel_values"]), torch.from_numpy(grid))
-        reference = out.pooler_output[0].float().numpy()
-        for key, session in sessions.items():
-            got = session.run(["image_features"], feed)[0]
-            precision = precision_of(key)
-            if got.shape != reference.shape:
-                metrics, tol = {}, default_tolerance(precision, ParityKind.EMBEDDING, 1.0)
-                reasons = [f"shape {got.shape} != PyTorch {reference.shape}"]
-            else:
-                metrics = compare(reference[None], got[None], ParityKind.EMBEDDING)
-                tol = default_tolerance(precision, ParityKind.EMBEDDING, metrics["scale"])
-                reasons = failures(metrics, tol)
-            records.append({
-                "name": f"vision {width}x{height}", "variant": key, "metrics": metrics, "tolerance": tol.to_json(),
-                "passed": not reasons, "failures": reasons, "image_size": [width, height],
-                "grid_thw": grid[0].tolist(), "patches": int(len(feed["pixel_values"])),
-            })
+
+        def reference() -> np.ndarray:
+            with torch.no_grad():
+                out = loaded.model.get_image_features(torch.from_numpy(feed["pixel_values"]), torch.from_numpy(grid))
+            return out.pooler_output[0].float().numpy()[None]
+
+        details = {"image_size": [width, height], "grid_thw": grid[0].tolist(), "patches": int(len(feed["pixel_values"]))}
+        records += check_variants(f"vision {width}x{height}", sessions, reference,
+                                  lambda key: sessions[key].run(["image_features"], feed)[0][None],
+                                  CompareFunc.features(), lambda key, got: details)
     return records

@@ -15,7 +15,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from vlm_export.families.base import ComponentSpec, LoadedModel, ParityKind, TensorSpec
-from vlm_export.families.loading import load_pretrained, load_slow_image_processor
+from vlm_export.families.common import crop_hw, load_image_processor, pixel_values, vision_component
+from vlm_export.families.loading import load_pretrained, read_config
 
 
 @dataclass(frozen=True)
@@ -87,10 +88,10 @@ class VitFamily:
     def load(self, model_dir: Path) -> LoadedModel:
         from vlm_export.families.processor_config import check_input_size, preprocess_config_from_processor
 
-        config_json = _read_model_type_config(model_dir)
+        config_json = read_config(model_dir)
         head = _HEADS[config_json["model_type"]]
         model = load_pretrained(model_dir, head.architecture, head.optional_keys)
-        processor = load_slow_image_processor(model_dir)
+        processor = load_image_processor(model_dir)
         preprocess = preprocess_config_from_processor(processor)
         check_input_size(preprocess, model_dir, model.config, head.interpolates_positions)
         labels = None
@@ -110,8 +111,7 @@ class VitFamily:
     def components(self, loaded: LoadedModel) -> list[ComponentSpec]:
         head: _Head = loaded.extra["head"]
         cfg = loaded.model.config
-        size = _crop_hw(loaded.preprocess)
-        channels = int(getattr(cfg, "num_channels", 3))
+        size = crop_hw(loaded.preprocess)
         hidden = int(cfg.hidden_size)
         outputs = {
             "logits": TensorSpec("logits", "float32", ("batch", int(getattr(cfg, "num_labels", 0) or 0))),
@@ -121,17 +121,12 @@ class VitFamily:
             ),
         }
 
-        def example_inputs(batch: int) -> dict[str, np.ndarray]:
-            rng = np.random.default_rng(batch)
-            return {"pixel_values": rng.standard_normal((batch, channels, *size), dtype=np.float32)}
-
         return [
-            ComponentSpec(
-                name="vision",
+            vision_component(
                 module=_wrapper(loaded.model, head.output_names),
-                inputs=(TensorSpec("pixel_values", "float32", ("batch", channels, *size)),),
+                preprocess=loaded.preprocess,
+                channels=int(getattr(cfg, "num_channels", 3)),
                 outputs=tuple(outputs[n] for n in head.output_names),
-                example_inputs=example_inputs,
                 parity_output=head.parity_output,
                 parity_kind=head.parity_kind,
                 patcher=_no_attention_mask(str(loaded.config["model_type"])),
@@ -139,24 +134,7 @@ class VitFamily:
         ]
 
     def sample_inputs(self, loaded: LoadedModel, images: Sequence[Any]) -> dict[str, np.ndarray]:
-        processor = loaded.extra["processor"]
-        pixel_values = processor(images=list(images), return_tensors="np")["pixel_values"]
-        return {"pixel_values": np.asarray(pixel_values, dtype=np.float32)}
-
-
-def _read_model_type_config(model_dir: Path) -> dict[str, Any]:
-    from vlm_export.families.loading import read_config
-
-    return read_config(model_dir)
-
-
-def _crop_hw(preprocess: dict[str, Any] | Any) -> tuple[int, int]:
-    """The (height, width) the processor hands to the model."""
-    if preprocess.get("do_center_crop"):
-        crop = preprocess["crop_size"]
-        return int(crop["height"]), int(crop["width"])
-    size = preprocess["size"]
-    return int(size["height"]), int(size["width"])
+        return {"pixel_values": pixel_values(loaded.extra["processor"], images)}
 
 
 def _num_tokens(cfg: Any, size: tuple[int, int]) -> int:

@@ -2,7 +2,7 @@
 
 Why two INT8 recipes: TensorRT needs static QDQ (symmetric int8, per-channel weights,
 precision fixed in the graph), while onnxruntime's CPU provider is fastest and most
-accurate with dynamic quantization of the MatMul weights (REFERENCES.md, measured on
+accurate with dynamic quantization of the MatMul weights (../shared/REFERENCES.md, measured on
 DINOv2-small: 0.9987 mean cosine vs 0.990 for the best static graph). A bundle carries
 both and the manifest says which provider each one is for.
 """
@@ -36,7 +36,7 @@ class CalibrationMethod(str, enum.Enum):
 DEFAULT_INT8_OPS = ("MatMul", "Gemm", "Conv")
 
 # Ops that stay FP32 inside the FP16 variant: LayerNorm overflows in FP16 after
-# attention, and Softmax/Pow/ReduceMean/Erf lose precision (REFERENCES.md, pain point 3).
+# attention, and Softmax/Pow/ReduceMean/Erf lose precision (../shared/REFERENCES.md, pain point 3).
 DEFAULT_FP16_KEEP_OPS = ("LayerNormalization", "Softmax", "Pow", "ReduceMean", "Erf")
 
 

@@ -70,21 +70,17 @@ def run_output(model: Any, feed: dict[str, Any], output: str, evaluation: Evalua
     """One output of an ONNX file or ModelProto on the CPU provider, computed the way
     `evaluation` says (FLOAT_QDQ: Q/DQ in float, as the verdict is); a ragged feed runs
     sample by sample and its outputs are zero-padded and stacked."""
-    from vlm_export.quantize.reader import batched_feeds, is_ragged
     from vlm_export.verify.evaluation import ort_cpu_session
-    from vlm_export.verify.metrics import pad_stack
+    from vlm_export.verify.feeds import run_batched
 
     session = ort_cpu_session(model, evaluation)
-    if is_ragged(feed):
-        return pad_stack([session.run([output], f)[0] for f in batched_feeds(feed)])
-    return session.run([output], feed)[0]
+    return run_batched(lambda f: {output: session.run([output], f)[0]}, feed, batch_size=None)[output]
 
 
 def _latency_b1(path: Path, feed: dict[str, np.ndarray]) -> float:
-    from vlm_export.quantize.reader import first_sample
-    from vlm_export.verify.latency import measure
-
     from vlm_export.verify.evaluation import ort_cpu_session
+    from vlm_export.verify.feeds import first_sample
+    from vlm_export.verify.latency import measure
 
     session = ort_cpu_session(path)  # latency as the CPU runtime runs it: all optimisations
     one = first_sample(feed)

@@ -115,7 +115,19 @@ def to_int8_qdq(
             },
             calibration_cache_path=str(cache_path) if cache_path else None,
         )
+    if cache_path is not None and Path(cache_path).is_file():
+        _canonical_json(Path(cache_path))
     return out_path
+
+
+def _canonical_json(path: Path) -> None:
+    """Rewrite a JSON file with sorted keys. Why: onnxruntime writes the calibration cache
+    in the order it collected tensors, which varies between runs of the same build
+    (string hashing), so the bundle's bytes did; the ranges themselves are identical."""
+    import json
+
+    data = json.loads(path.read_text(encoding="utf-8"))
+    path.write_text(json.dumps(data, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def to_int8_cpu(

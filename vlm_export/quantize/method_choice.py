@@ -1,7 +1,7 @@
 """`--calibration-method auto`: try minmax, entropy and percentile, keep the best.
 
 Why: no calibration method wins everywhere. On DINOv2 percentile clipping cuts the
-outlier activations the CLS token depends on (REFERENCES.md: cosine 0.84 vs 0.987),
+outlier activations the CLS token depends on (../shared/REFERENCES.md: cosine 0.84 vs 0.987),
 while on other models it is the method that holds. Each candidate is calibrated on
 the same subset of the calibration samples and judged on the guard's held-out crops;
 the results and the winner are recorded in parity.json.

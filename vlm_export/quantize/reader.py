@@ -2,28 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
+from vlm_export.verify.feeds import batched_feeds  # the one batching helper (verify.feeds)
 
-def is_ragged(samples: Mapping[str, Any]) -> bool:
-    """True for samples given as lists of per-sample arrays (see Family.sample_inputs)."""
-    return isinstance(next(iter(samples.values())), list)
-
-
-def first_sample(samples: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """The feed of the first sample alone (batch 1), stacked or ragged."""
-    return {k: v[0] if isinstance(v, list) else v[:1] for k, v in samples.items()}
-
-
-def batched_feeds(samples: Mapping[str, Any], batch_size: int = 8) -> list[dict[str, np.ndarray]]:
-    """Split a dict of stacked arrays (first axis = sample) into feeds of `batch_size`;
-    ragged samples (lists) give one feed per sample."""
-    count = len(next(iter(samples.values())))
-    if is_ragged(samples):
-        return [{k: v[i] for k, v in samples.items()} for i in range(count)]
-    return [{k: v[i : i + batch_size] for k, v in samples.items()} for i in range(0, count, batch_size)]
+__all__ = ["FeedReader", "batched_feeds"]
 
 
 class FeedReader:

@@ -2,8 +2,8 @@
 manifest, parity.json and bench.json; `compare` diffs two bundles for a CI gate."""
 
 from vlm_export.report.compare import BundleDiff, Thresholds, compare_bundles
-from vlm_export.report.html import render_html, write_html
-from vlm_export.report.markdown import render, write_report
+from vlm_export.report.html import render_html
+from vlm_export.report.markdown import render
 from vlm_export.report.plots import all_plots, error_distribution_png, latency_png, latency_vs_batch_png
 from vlm_export.report.write import read_bench, refresh_reports, write_reports
 
@@ -19,7 +19,5 @@ __all__ = [
     "refresh_reports",
     "render",
     "render_html",
-    "write_html",
-    "write_report",
     "write_reports",
 ]

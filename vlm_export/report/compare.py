@@ -101,22 +101,23 @@ def load_snapshots(bundle: Path, manifest_obj: Any = None) -> tuple[bool | None,
     from vlm_export.report.write import read_parity
     from vlm_export.runtime.manifest import read_manifest
 
-    manifest = (manifest_obj or read_manifest(Path(bundle))).data
+    manifest = (manifest_obj or read_manifest(Path(bundle))).typed
     parity = read_parity(Path(bundle), manifest)
     snaps = {}
     for rec in parity["records"]:
         try:
             comp, key = str(rec["component"]), str(rec["variant"])
-            variant = manifest["components"].get(comp, {}).get("variants", {}).get(key, {})
+            component = manifest.components.get(comp)
+            variant = component.variants.get(key) if component is not None else None
             snaps[(comp, key)] = Snapshot(
                 passed=rec.get("passed"),
                 metrics={m: float(rec["metrics"][m]) for m in METRICS if rec["metrics"].get(m) is not None},
                 p50_ms={p: float(v["p50_ms"]) for p, v in rec.get("latency", {}).items() if not p.startswith("pytorch") and "p50_ms" in v},
-                bytes=variant.get("bytes"),
+                bytes=variant.bytes if variant is not None else None,
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise BundleError(f"'{bundle}/parity.json' has a malformed record ({exc!r}); rebuild the bundle") from None
-    return manifest.get("parity", {}).get("passed"), snaps
+    return manifest.parity.get("passed"), snaps
 
 
 def _regressions(a: Snapshot, b: Snapshot, t: Thresholds) -> tuple[str, ...]:

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import base64
 import html
-from pathlib import Path
 from typing import Any, Mapping
 
 from vlm_export.report.plots import PLOT_FILES, all_plots
+from vlm_export.bundle.schema import Manifest, as_manifest
 from vlm_export.report.tables import Status, Table, all_tables
 
 CSS = """
@@ -66,16 +66,16 @@ def _figure(name: str, png: bytes) -> str:
     return f'<figure><img alt="{_e(caption)}" src="data:image/png;base64,{data}"><figcaption>{_e(caption)}</figcaption></figure>'
 
 
-def _header(manifest: dict[str, Any], parity: dict[str, Any]) -> str:
-    src = manifest.get("source", {})
-    summary = manifest.get("parity", {})
+def _header(manifest: Manifest, parity: dict[str, Any]) -> str:
+    src = manifest.source
+    summary = manifest.parity
     passed = bool(summary.get("passed"))
     verdict = "All variants hold parity" if passed else "FAILED: " + ", ".join(summary.get("failed", []))
-    build = manifest.get("build", {})
+    build = manifest.build or {}
     samples = parity.get("samples", [])
     return "\n".join(
         [
-            f"<header><h1>vlm-export bundle: {_e(manifest.get('family', '?'))} ({_e(src.get('model_type', '?'))})</h1>",
+            f"<header><h1>vlm-export bundle: {_e(manifest.family)} ({_e(src.get('model_type', '?'))})</h1>",
             f'<div class="verdict {"pass" if passed else "fail"}">{_e(verdict)}</div>',
             f'<p class="meta">Source <code>{_e(src.get("path", "?"))}</code>, config sha256 <code>{_e(str(src.get("config_sha256", ""))[:12])}</code></p>',
             f'<p class="meta">Precisions {_e(", ".join(build.get("precisions", [])))}; calibration {_e(build.get("calibration_method", "?"))} '
@@ -102,30 +102,19 @@ def _sections(tables: list[Table], plots: Mapping[str, bytes]) -> list[str]:
 
 
 def render_html(
-    manifest: dict[str, Any],
+    manifest: Manifest | Mapping[str, Any],
     parity: dict[str, Any],
     bench: dict[str, Any] | None = None,
     plots: Mapping[str, bytes] | None = None,
 ) -> str:
-    """The whole page as a string. `plots` (file name → PNG) defaults to `all_plots()`."""
+    """The whole page as a string. `plots` (file name → PNG) defaults to `all_plots()`.
+    `manifest` is typed or its parsed JSON."""
+    manifest = as_manifest(manifest)
     plots = all_plots(parity, bench) if plots is None else plots
     body = [_header(manifest, parity), *_sections(all_tables(manifest, parity, bench), plots)]
-    title = f"vlm-export report: {manifest.get('family', '?')}"
+    title = f"vlm-export report: {manifest.family}"
     return (
         f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>'
         f'<meta name="viewport" content="width=device-width, initial-scale=1"><style>{CSS}</style></head>\n'
         f"<body><main>\n" + "\n".join(body) + "\n</main></body></html>\n"
     )
-
-
-def write_html(
-    path: Path,
-    manifest: dict[str, Any],
-    parity: dict[str, Any],
-    bench: dict[str, Any] | None = None,
-    plots: Mapping[str, bytes] | None = None,
-) -> Path:
-    """Write report.html; pass `plots` to reuse PNGs already made for report.md."""
-    from vlm_export.runtime.bundle_files import write_bundle_file
-
-    return write_bundle_file(Path(path).parent, Path(path).name, render_html(manifest, parity, bench, plots).encode("utf-8"))

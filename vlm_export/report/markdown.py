@@ -8,9 +8,9 @@ methods compared, latency vs batch, and the plots (PNG files next to report.md).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Mapping
 
+from vlm_export.bundle.schema import Manifest, as_manifest
 from vlm_export.report.tables import Status, Table, bench_tables, calibration_tables, end_to_end_table, guard_tables
 
 
@@ -22,15 +22,17 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
-def parity_rows(manifest: dict[str, Any], parity: dict[str, Any], reasons: bool = True) -> list[list[str]]:
+def parity_rows(manifest: Manifest | Mapping[str, Any], parity: dict[str, Any], reasons: bool = True) -> list[list[str]]:
     """One row per record: component, variant, verdict, metrics, latency, size.
 
     `reasons=False` keeps the verdict to PASS/FAIL (narrow terminals list them below).
+    `manifest` is typed or its parsed JSON.
     """
+    manifest = as_manifest(manifest)
     rows = []
     for rec in parity["records"]:
         m = rec["metrics"]
-        variant = manifest["components"][rec["component"]]["variants"][rec["variant"]]
+        variant = manifest.components[rec["component"]].variants[rec["variant"]]
         cpu = rec["latency"].get("cpu", {})
         torch_ms = rec["latency"].get("pytorch-eager-cpu", {}).get("p50_ms")
         speedup = torch_ms / cpu["p50_ms"] if torch_ms and cpu.get("p50_ms") else None
@@ -45,7 +47,7 @@ def parity_rows(manifest: dict[str, Any], parity: dict[str, Any], reasons: bool 
                 _fmt(m.get("top1_agreement")),
                 _fmt(cpu.get("p50_ms"), 3),
                 _fmt(speedup, 3),
-                f"{variant['bytes'] / 1e6:.1f}",
+                _fmt(variant.bytes / 1e6 if variant.bytes is not None else None, 1),
             ]
         )
     return rows
@@ -86,17 +88,18 @@ def extra_sections(parity: dict[str, Any], bench: dict[str, Any] | None = None, 
 
 
 def render(
-    manifest: dict[str, Any],
+    manifest: Manifest | Mapping[str, Any],
     parity: dict[str, Any],
     bench: dict[str, Any] | None = None,
     plots: Mapping[str, str] | None = None,
 ) -> str:
     """The whole report.md; `bench` (bench.json) and `plots` (path → caption) are optional."""
+    manifest = as_manifest(manifest)
     header = ["component", "variant", "verdict", "cos min", "cos mean", "max abs", "top-1", "CPU p50 ms", "× PyTorch", "MB"]
-    verdict = "all variants hold parity" if manifest["parity"]["passed"] else "FAILED: " + ", ".join(manifest["parity"]["failed"])
-    src = manifest["source"]
+    verdict = "all variants hold parity" if manifest.parity["passed"] else "FAILED: " + ", ".join(manifest.parity["failed"])
+    src = manifest.source
     parts = [
-        f"# vlm-export bundle: {manifest['family']} ({src['model_type']})",
+        f"# vlm-export bundle: {manifest.family} ({src['model_type']})",
         "",
         f"Source: `{src['path']}` (config sha256 {src['config_sha256'][:12]}…). Verdict: **{verdict}**.",
         "",
@@ -108,21 +111,8 @@ def render(
         "Variants and the providers they are meant for:",
         "",
     ]
-    for name, comp in manifest["components"].items():
-        for key, v in comp["variants"].items():
-            parts.append(f"- `{name}/{key}`: {v['recipe']}, for {', '.join(v['providers'])} (`{v['onnx']}`)")
+    for name, comp in manifest.components.items():
+        for key, v in comp.variants.items():
+            parts.append(f"- `{name}/{key}`: {v.recipe}, for {', '.join(v.providers)} (`{v.onnx}`)")
     extra = extra_sections(parity, bench, plots)
     return "\n".join(parts) + "\n" + ("\n" + extra if extra else "")
-
-
-def write_report(
-    path: Path,
-    manifest: dict[str, Any],
-    parity: dict[str, Any],
-    bench: dict[str, Any] | None = None,
-    plots: Mapping[str, str] | None = None,
-) -> Path:
-    """Write report.md at `path`; a symlink there is replaced, never followed."""
-    from vlm_export.runtime.bundle_files import write_bundle_file
-
-    return write_bundle_file(Path(path).parent, Path(path).name, render(manifest, parity, bench, plots).encode("utf-8"))

@@ -13,6 +13,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
+from vlm_export.bundle.schema import Manifest
+
 DASH = "–"
 
 
@@ -135,17 +137,15 @@ def latency_table(parity: dict[str, Any]) -> Table:
     return Table("Latency (batch 1)", header, tuple(rows), note="× PyTorch = PyTorch FP32 eager p50 / variant p50, same run.")
 
 
-def size_table(manifest: dict[str, Any]) -> Table:
+def size_table(manifest: Manifest) -> Table:
     """Per variant: file size, the saving against FP32, recipe and intended providers."""
     rows = []
-    for name, comp in manifest.get("components", {}).items():
-        variants = comp.get("variants", {})
-        fp32 = variants.get("fp32", {}).get("bytes")
-        for key, v in variants.items():
-            size = v.get("bytes")
-            ratio = f"{fp32 / size:.2f}× smaller" if fp32 and size and key != "fp32" else DASH
-            mb = f"{size / 1e6:.1f}" if size else DASH
-            rows.append(_cells(name, key, v.get("recipe", DASH), ", ".join(v.get("providers", [])), mb, ratio, v.get("onnx", DASH)))
+    for name, comp in manifest.components.items():
+        fp32 = comp.variants["fp32"].bytes if "fp32" in comp.variants else None
+        for key, v in comp.variants.items():
+            ratio = f"{fp32 / v.bytes:.2f}× smaller" if fp32 and v.bytes and key != "fp32" else DASH
+            mb = f"{v.bytes / 1e6:.1f}" if v.bytes else DASH
+            rows.append(_cells(name, key, v.recipe or DASH, ", ".join(v.providers), mb, ratio, v.onnx))
     header = ("component", "variant", "recipe", "for providers", "MB", "vs FP32", "file")
     return Table("Variants and sizes", header, tuple(rows))
 
@@ -276,7 +276,7 @@ def bench_tables(bench: dict[str, Any] | None) -> list[Table]:
     return tables
 
 
-def all_tables(manifest: dict[str, Any], parity: dict[str, Any], bench: dict[str, Any] | None = None) -> list[Table]:
+def all_tables(manifest: Manifest, parity: dict[str, Any], bench: dict[str, Any] | None = None) -> list[Table]:
     """Every table of the report in reading order (the ones with data only)."""
     tables: Iterable[Table | None] = [
         parity_table(parity), end_to_end_table(parity), *guard_tables(parity), *calibration_tables(parity),

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from vlm_export.bundle.schema import Manifest
 from vlm_export.errors import BundleError
 from vlm_export.report.html import render_html
 from vlm_export.report.markdown import render
@@ -36,10 +37,10 @@ def read_bench(bundle_dir: Path) -> dict[str, Any] | None:
     return data
 
 
-def read_parity(bundle_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+def read_parity(bundle_dir: Path, manifest: Manifest) -> dict[str, Any]:
     """The bundle's parity.json (the manifest's `parity.file`), contained and regular,
     with a `records` list. Shared by the report refresh and `compare`."""
-    name = str((manifest.get("parity") or {}).get("file", PARITY_NAME))
+    name = str(manifest.parity.get("file", PARITY_NAME))
     data = read_bundle_json(Path(bundle_dir), name)
     if not isinstance(data, dict) or not isinstance(data.get("records"), list):
         raise BundleError(f"'{Path(bundle_dir) / name}' has no 'records' list; rebuild the bundle")
@@ -47,7 +48,7 @@ def read_parity(bundle_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_reports(
-    bundle_staging_dir: Path, manifest: dict[str, Any], parity: dict[str, Any], bench: dict[str, Any] | None = None
+    bundle_staging_dir: Path, manifest: Manifest, parity: dict[str, Any], bench: dict[str, Any] | None = None
 ) -> list[Path]:
     """Write report.md, report.html and plots/*.png into the bundle folder; returns their paths.
 
@@ -71,5 +72,5 @@ def refresh_reports(bundle_dir: Path) -> list[Path]:
     """Rewrite the reports of a finished bundle from its own JSON files (e.g. after bench)."""
     from vlm_export.runtime.manifest import read_manifest
 
-    manifest = read_manifest(bundle_dir).data
+    manifest = read_manifest(bundle_dir).typed
     return write_reports(Path(bundle_dir), manifest, read_parity(Path(bundle_dir), manifest))

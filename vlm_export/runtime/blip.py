@@ -15,12 +15,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from vlm_export.errors import BundleError, InputError
 from vlm_export.runtime.generation import GreedyOutput, check_max_new_tokens, greedy_decode
+from vlm_export.runtime.images import image_batch
 from vlm_export.runtime.manifest import Manifest, Variant
 from vlm_export.runtime.model import BundleModel, ComponentRunner
 from vlm_export.runtime.session import Provider
@@ -75,11 +76,11 @@ class BlipModel(BundleModel):
 
     def __init__(self, manifest: Manifest, runners: dict[str, ComponentRunner], provider: Provider,
                  tokenizer_path: Path | None = None) -> None:
-        from vlm_export.runtime.preprocess import ImagePreprocessConfig, ImagePreprocessor
+        from vlm_export.runtime.preprocess import ImagePreprocessor
 
         super().__init__(manifest, runners, provider)
         self.decoder = DecoderConfig.from_manifest(manifest.data)
-        self.preprocessor = ImagePreprocessor(ImagePreprocessConfig.from_dict(manifest.preprocess))
+        self.preprocessor = ImagePreprocessor.from_manifest(manifest)
         self._tokenizer_path = tokenizer_path
         self._tokenizer: Any = None
         self.last_timings: dict[str, Any] = {}  # of the latest generate(): vision, cross_kv, per-step ms
@@ -129,12 +130,12 @@ class BlipModel(BundleModel):
         if missing:
             raise InputError(f"captioning needs components {', '.join(COMPONENTS)}; this model was loaded without "
                              f"{', '.join(missing)} (drop components=...)")
-        batch = _image_list(images)
+        batch, _ = image_batch(images)
         prompt_ids = self.prompt_ids(prompt)
         steps = check_max_new_tokens(max_new_tokens, len(prompt_ids), self.decoder.max_positions)
         start = time.perf_counter()
-        pixel_values = self.preprocessor(batch)
-        embeds = self.run({self.preprocessor.config.input_name: pixel_values}, "vision_encoder")["image_embeds"]
+        feed, _ = self.preprocessor.feed(batch)
+        embeds = self.run(feed, "vision_encoder")["image_embeds"]
         vision_done = time.perf_counter()
         cross = self.run({"image_embeds": embeds}, "cross_kv")
         cross_done = time.perf_counter()
@@ -151,11 +152,16 @@ class BlipModel(BundleModel):
         With a prompt the caption starts with it, as `processor.decode(generate(...))`
         does. Defaults to no prompt and at most 30 new tokens.
         """
-        single = _is_single(images)
+        _, single = image_batch(images)
         out = self.generate(images, prompt, max_new_tokens)
         prefix = self.prompt_ids(prompt)
         texts = [self.tokenizer.decode(prefix + ids, skip_special_tokens=True) for ids in out.sequences]
         return texts[0] if single else texts
+
+    def describe(self, image: Any, *, top_k: int = 5, labels: Sequence[str] | None = None) -> str:
+        """The caption (no prompt, default length); `top_k` is unused, `labels` refused."""
+        self._refuse_labels(labels)
+        return self.caption(image)
 
     def _step(self, cross: dict[str, np.ndarray]) -> Any:
         d = self.decoder
@@ -171,13 +177,3 @@ class BlipModel(BundleModel):
 
         return step
 
-
-def _is_single(images: Any) -> bool:
-    return not isinstance(images, (list, tuple)) and not (isinstance(images, np.ndarray) and images.ndim == 4)
-
-
-def _image_list(images: Any) -> list[Any]:
-    batch = [images] if _is_single(images) else list(images)
-    if not batch:
-        raise InputError("no images given; pass an image path, a PIL image or a non-empty list of them")
-    return batch

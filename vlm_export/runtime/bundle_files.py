@@ -45,7 +45,7 @@ def regular_file(path: Path, what: str = "bundle file") -> Path:
 
 def read_bundle_bytes(root: Path, relative: str, max_bytes: int = MAX_JSON_BYTES) -> bytes:
     """The content of `root/relative`: contained in the bundle, a regular file, at most `max_bytes`."""
-    from vlm_export.runtime.manifest import resolve_inside
+    from vlm_export.bundle.paths import resolve_inside
 
     path = regular_file(resolve_inside(Path(root), relative))
     try:
@@ -78,7 +78,7 @@ def bundle_folder(root: Path, relative: str = "") -> Path:
     Why not resolve(): a link that points back inside the bundle is still refused, since
     the tool that wrote the bundle never makes one, and refusing is simpler to trust.
     """
-    from vlm_export.runtime.manifest import plain_relative
+    from vlm_export.bundle.paths import plain_relative
 
     root = Path(root)
     if relative:

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from vlm_export.errors import BundleError, InputError
-from vlm_export.runtime.model import BundleModel, ComponentRunner
+from vlm_export.runtime.model import BundleModel, ComponentRunner, ranked_line
 from vlm_export.runtime.session import Provider
 
 DEFAULT_PROMPT_TEMPLATE = "a photo of a {label}"
@@ -52,19 +52,18 @@ class ClipModel(BundleModel):
     """
 
     def __init__(self, manifest: Any, runners: dict[str, ComponentRunner], provider: Provider) -> None:
-        from vlm_export.runtime.preprocess import ImagePreprocessConfig, ImagePreprocessor
+        from vlm_export.runtime.preprocess import ImagePreprocessor
         from vlm_export.runtime.tokenizer import TextTokenizer
 
         super().__init__(manifest, runners, provider)
-        section = manifest.data.get("clip")
+        section = manifest.typed.sections.get("clip")
         if not isinstance(section, dict) or "logit_scale" not in section:
             raise BundleError(f"'{manifest.root / 'manifest.json'}' lacks the 'clip' section (logit_scale); rebuild the bundle")
         self.logit_scale = float(section["logit_scale"])
         self.logit_bias = float(section.get("logit_bias") or 0.0)
         self.prompt_template = str(section.get("prompt_template", DEFAULT_PROMPT_TEMPLATE))
-        self.preprocessor = ImagePreprocessor(ImagePreprocessConfig.from_dict(manifest.preprocess)) if "vision" in runners else None
+        self.preprocessor = ImagePreprocessor.from_manifest(manifest) if "vision" in runners else None
         self.tokenizer = TextTokenizer.from_manifest(manifest) if "text" in runners else None
-        self.component = manifest.components["vision"]  # what `vlm-export run` prints without --labels
 
     def _need(self, component: str) -> None:
         if component not in self.runners:
@@ -73,12 +72,8 @@ class ClipModel(BundleModel):
     def encode_image(self, images: Any) -> np.ndarray:
         """Projected image embeddings (`image_embeds`) of one image or a list of them."""
         self._need("vision")
-        single = not isinstance(images, (list, tuple))
-        batch = [images] if single else list(images)
-        if not batch:
-            raise InputError("no images given; pass an image path, PIL image or a non-empty list")
-        pixel_values = self.preprocessor(batch)
-        embeds = self.run({self.preprocessor.config.input_name: pixel_values}, "vision")["image_embeds"]
+        feed, single = self.preprocessor.feed(images)
+        embeds = self.run(feed, "vision")["image_embeds"]
         return embeds[0] if single else embeds
 
     embed = encode_image
@@ -106,3 +101,10 @@ class ClipModel(BundleModel):
         probs = softmax(logits)
         order = np.argsort(-probs, kind="stable")
         return [(names[i], float(probs[i])) for i in order]
+
+    def describe(self, image: Any, *, top_k: int = 5, labels: str | Sequence[str] | None = None) -> str:
+        """The top_k zero-shot labels over `labels` (a list or "cat,dog,car"), else the
+        image embedding summary. Defaults to top_k=5, no labels."""
+        if labels is None:
+            return super().describe(image, top_k=top_k)
+        return ranked_line(self.zero_shot(image, labels)[: max(1, top_k)])

@@ -15,7 +15,7 @@ import os
 import stat
 import struct
 from pathlib import Path
-from typing import Callable, Union
+from typing import Callable, Iterable, Mapping, Sequence, Union
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -52,6 +52,29 @@ def load_image(source: ImageSource) -> Image.Image:
         f"cannot read image of type {type(source).__name__}; "
         "pass a path, file bytes, a PIL image or an HWC uint8 numpy array"
     )
+
+
+def image_batch(images: ImageSource | Sequence[ImageSource]) -> tuple[list[ImageSource], bool]:
+    """One image or many → (the images as a list, whether a single image was given).
+
+    Why one rule: every model method takes "an image or a list" and answers in kind.
+    A path, file bytes, a Pillow image or a 2-/3-D array is one image; a 4-D array is a
+    batch of HWC arrays; any other iterable (list, tuple, generator) is a batch; anything
+    else is one image that `load_image` then refuses by name. An empty batch is an InputError.
+    """
+    single = not _is_batch(images)
+    batch = [images] if single else list(images)
+    if not batch:
+        raise InputError("no images given; pass an image path, a PIL image or a non-empty list of them")
+    return batch, single
+
+
+def _is_batch(images: object) -> bool:
+    if isinstance(images, np.ndarray):
+        return images.ndim == 4
+    if isinstance(images, (str, bytes, bytearray, memoryview, Image.Image, Mapping)) or hasattr(images, "__fspath__"):
+        return False
+    return isinstance(images, Iterable)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from vlm_export.errors import BundleError, InputError
+from vlm_export.errors import BundleError
 from vlm_export.runtime.model import BundleModel, ComponentRunner
 from vlm_export.runtime.session import Provider
 
@@ -23,16 +23,15 @@ class LlavaModel(BundleModel):
     """A LLaVA vision bundle: `image_features(image)` and the LLM facts in `llm`."""
 
     def __init__(self, manifest: Any, runners: dict[str, ComponentRunner], provider: Provider) -> None:
-        from vlm_export.runtime.preprocess import ImagePreprocessConfig, ImagePreprocessor
+        from vlm_export.runtime.preprocess import ImagePreprocessor
 
         super().__init__(manifest, runners, provider)
-        llm = manifest.data.get("llm")
+        llm = manifest.typed.sections.get("llm")
         missing = [k for k in ("hidden_size", "image_token_id", "tokens_per_image") if not isinstance(llm, dict) or k not in llm]
         if missing:
             raise BundleError(f"'{manifest.root / 'manifest.json'}' lacks llm.{', llm.'.join(missing)}; rebuild the bundle")
         self.llm: dict[str, Any] = dict(llm)
-        self.preprocessor = ImagePreprocessor(ImagePreprocessConfig.from_dict(manifest.preprocess))
-        self.component = manifest.components[COMPONENT]  # what `vlm-export run` prints
+        self.preprocessor = ImagePreprocessor.from_manifest(manifest)
 
     @property
     def image_token_id(self) -> int:
@@ -48,12 +47,8 @@ class LlavaModel(BundleModel):
 
     def image_features(self, images: Any) -> np.ndarray:
         """(tokens_per_image, llm_hidden) float32 for one image; (n, tokens, hidden) for a list."""
-        single = not isinstance(images, (list, tuple))
-        batch = [images] if single else list(images)
-        if not batch:
-            raise InputError("no images given; pass an image path, PIL image or a non-empty list")
-        pixel_values = self.preprocessor(batch)
-        features = self.run({self.preprocessor.config.input_name: pixel_values}, COMPONENT)["image_features"]
+        feed, single = self.preprocessor.feed(images)
+        features = self.run(feed, COMPONENT)["image_features"]
         return features[0] if single else features
 
     embed = image_features

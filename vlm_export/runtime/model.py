@@ -16,12 +16,11 @@ from typing import Any, Sequence
 import numpy as np
 
 from vlm_export.errors import BundleError, InputError
+from vlm_export.recipes import PRECISIONS
 from vlm_export.runtime.manifest import Manifest, Variant, check_external_data, read_manifest, verify_file
 from vlm_export.runtime.session import Provider, create_session
 
 log = logging.getLogger("vlm_export.runtime")
-
-PRECISIONS = ("fp32", "fp16", "int8")
 
 
 def choose_variant(variants: dict[str, Variant], precision: str, provider: Provider) -> Variant:
@@ -88,34 +87,61 @@ class BundleModel:
             raise InputError(f"unknown component '{component}'; this bundle has {', '.join(self.runners)}")
         return self.runners[component].infer(feed)
 
+    def embed(self, images: Any) -> Any:
+        """The image embedding; family classes that have one override this."""
+        raise InputError(f"a {self.manifest.family} bundle has no image embedding; run a component with .run(feed, component)")
+
+    def describe(self, image: Any, *, top_k: int = 5, labels: Sequence[str] | None = None) -> str:
+        """One line about one image, what `vlm-export run` prints after "PATH: ".
+
+        Why here: each family knows how its result reads, so the CLI need not guess.
+        This default summarises the embedding (dim, L2 norm, first values); `labels`
+        (zero-shot) is refused unless the class overrides it. Defaults to top_k=5, no labels.
+        """
+        self._refuse_labels(labels)
+        return embedding_line(self.embed(image))
+
+    def _refuse_labels(self, labels: Sequence[str] | None) -> None:
+        if labels is not None:
+            raise InputError(f"--labels needs a CLIP bundle; '{self.manifest.root}' is a {self.manifest.family} bundle")
+
+
+def ranked_line(ranked: Sequence[tuple[str, float]]) -> str:
+    """"cat 0.912, dog 0.051": (label, probability) pairs as `describe` prints them."""
+    return ", ".join(f"{label} {p:.3f}" for label, p in ranked)
+
+
+def embedding_line(emb: np.ndarray) -> str:
+    """Dimension, L2 norm and the first four values of one embedding."""
+    return (
+        f"embedding dim {emb.shape[-1]}, L2 norm {float((emb ** 2).sum() ** 0.5):.4f}, "
+        f"first values {', '.join(f'{v:+.4f}' for v in emb.ravel()[:4])}"
+    )
+
 
 class VisionModel(BundleModel):
     """ViT classifiers and backbones: preprocessing from the bundle, then the graph."""
 
     def __init__(self, manifest: Manifest, runners: dict[str, ComponentRunner], provider: Provider) -> None:
-        from vlm_export.runtime.preprocess import ImagePreprocessConfig, ImagePreprocessor
+        from vlm_export.runtime.preprocess import ImagePreprocessor
 
         super().__init__(manifest, runners, provider)
-        self.preprocessor = ImagePreprocessor(ImagePreprocessConfig.from_dict(manifest.preprocess))
-        self.component = manifest.components["vision"]
+        self.preprocessor = ImagePreprocessor.from_manifest(manifest)
+        self.component = manifest.component("vision")
 
     def _outputs(self, images: Any) -> tuple[dict[str, np.ndarray], bool]:
-        single = not isinstance(images, (list, tuple))
-        batch = [images] if single else list(images)
-        if not batch:
-            raise InputError("no images given; pass an image path, PIL image or a non-empty list")
-        pixel_values = self.preprocessor(batch)
-        return self.run({self.preprocessor.config.input_name: pixel_values}, "vision"), single
+        feed, single = self.preprocessor.feed(images)
+        return self.run(feed, "vision"), single
 
     def embed(self, images: Any) -> np.ndarray:
         """The image embedding (pooler/CLS output, or logits for a classifier)."""
         outputs, single = self._outputs(images)
-        emb = outputs[self.component["parity_output"]]
+        emb = outputs[str(self.component.parity_output)]
         return emb[0] if single else emb
 
     def classify(self, images: Any, top_k: int = 5) -> Any:
         """Top-k (label, probability) per image for a classifier bundle."""
-        if "logits" not in (o["name"] for o in self.component["outputs"]):
+        if "logits" not in (o.name for o in self.component.outputs):
             raise InputError("this bundle is a backbone without a classifier head; use .embed(image)")
         outputs, single = self._outputs(images)
         logits = outputs["logits"].astype(np.float64)
@@ -127,6 +153,13 @@ class VisionModel(BundleModel):
             order = np.argsort(-row)[: max(1, top_k)]
             results.append([(labels[i] if i < len(labels) else str(i), float(row[i])) for i in order])
         return results[0] if single else results
+
+    def describe(self, image: Any, *, top_k: int = 5, labels: Sequence[str] | None = None) -> str:
+        """Top-k labels for a classifier bundle, else the embedding summary. Defaults to top_k=5."""
+        self._refuse_labels(labels)
+        if "logits" in (o.name for o in self.component.outputs):
+            return ranked_line(self.classify(image, top_k=top_k))
+        return embedding_line(self.embed(image))
 
 
 def _pick(
@@ -144,20 +177,17 @@ def _pick(
 
 def _runner(manifest: Manifest, name: str, chosen: Variant, prov: Provider, threads: int | None, target: str | None) -> Any:
     """ORT runner, or the native TensorRT runner over the engine built for this device."""
+    entry = manifest.component(name).variants[chosen.key]
+    where = f"variant {name}/{chosen.key}"
     if prov is Provider.TENSORRT:
         from vlm_export.runtime.trt_runner import create_runner
 
-        raw = manifest.components[name]["variants"][chosen.key]
-        return create_runner(manifest.root, raw, variant=chosen, where=f"variant {name}/{chosen.key}")
+        return create_runner(manifest.root, entry, variant=chosen, where=where)
     options = None
-    if prov is Provider.TENSORRT_EP and target is not None:
-        from vlm_export.engines import get_target, ort_trt_provider_options, plan
+    if prov is Provider.TENSORRT_EP and target is not None and entry.for_tensorrt:
+        from vlm_export.runtime.tensorrt import recorded_ep_options
 
-        plans = [p for p in plan(manifest.data, get_target(target), [chosen.precision]) if (p.component, p.variant) == (name, chosen.key)]
-        if plans:
-            # The EP's engine cache lives outside the bundle, which stays immutable.
-            cache = Path.home() / ".cache" / "vlm-export" / "ort-trt" / manifest.data["source"]["config_sha256"][:16] / target
-            options = ort_trt_provider_options(plans[0], root=manifest.root, cache_dir=cache)
+        options = recorded_ep_options(entry, target, manifest.typed.config_sha256, where)
     return ComponentRunner(chosen, prov, threads, options)
 
 
@@ -193,8 +223,7 @@ def _warn_int8_cpu_once(manifest: Manifest, name: str, chosen: Variant) -> None:
     """One warning per (bundle, component, variant) when its verdict does not cover this CPU."""
     from vlm_export.runtime.cpu import cpu_info, int8_cpu_warning
 
-    parity = manifest.data.get("parity")
-    verdict_cpu = parity.get("verdict_cpu") if isinstance(parity, dict) else None
+    verdict_cpu = manifest.typed.parity.get("verdict_cpu")
     message = int8_cpu_warning(chosen.recipe, verdict_cpu if isinstance(verdict_cpu, dict) else None, cpu_info())
     key = (str(manifest.root.resolve()), name, chosen.key)
     if message and key not in _WARNED:
@@ -215,7 +244,8 @@ def load(
 
     `variant` names an exact manifest variant (e.g. "int8", the TensorRT QDQ graph, on
     the CPU) and overrides the choice by precision and provider. `target` (a name from
-    `vlm_export.engines.targets`) gives the TensorRT EP its profile shapes and flags.
+    `vlm_export.engines.targets`) gives the TensorRT EP the profile shapes and flags the
+    build recorded for it; the EP's caches go outside the bundle (`runtime.tensorrt`).
     Defaults to FP32 on the CPU provider.
     """
     manifest = read_manifest(Path(bundle))
@@ -228,7 +258,7 @@ def load(
     for name in names:
         if name not in manifest.components:
             raise InputError(f"unknown component '{name}'; the bundle has {', '.join(manifest.components)}")
-        chosen = _pick(manifest.variants(name), precision, prov, variant, manifest.components[name].get("fp32_fallback", ()))
+        chosen = _pick(manifest.variants(name), precision, prov, variant, manifest.component(name).fp32_fallback or ())
         verify_file(chosen)
         check_external_data(chosen)
         if chosen.parity_passed is False:

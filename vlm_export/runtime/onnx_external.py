@@ -138,7 +138,7 @@ def external_data_entries(onnx_path: Path, bundle_root: Path) -> list[dict[str, 
     is absolute, has `..`, leaves the bundle or is not a regular file.
     """
     from vlm_export.runtime.bundle_files import regular_file
-    from vlm_export.runtime.manifest import sha256_file
+    from vlm_export.bundle.paths import sha256_file
 
     root = Path(bundle_root).resolve()
     entries = []
@@ -151,7 +151,7 @@ def external_data_entries(onnx_path: Path, bundle_root: Path) -> list[dict[str, 
 def resolve_external(onnx_path: Path, location: str, root: Path) -> Path:
     """`location` (relative to the ONNX file's folder, as onnxruntime reads it) resolved,
     refused unless it is a plain relative path that stays inside the bundle `root`."""
-    from vlm_export.runtime.manifest import resolve_inside
+    from vlm_export.bundle.paths import resolve_inside
 
     try:
         path = resolve_inside(Path(onnx_path).parent, location)

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence, TypeVar
 
 import numpy as np
 from PIL import Image
 
 from vlm_export.errors import BundleError, InputError
-from vlm_export.runtime.images import ImageSource, load_image
+from vlm_export.runtime.images import ImageSource, image_batch, load_image
 
 RESAMPLE: dict[str, Image.Resampling] = {
     "nearest": Image.Resampling.NEAREST,
@@ -32,6 +32,8 @@ RESAMPLE: dict[str, Image.Resampling] = {
 
 SIZE_KEYS = (("shortest_edge",), ("height", "width"))
 """The `size` layouts the runtime reproduces."""
+
+_Config = TypeVar("_Config")
 
 
 @dataclass(frozen=True)
@@ -91,11 +93,7 @@ class ImagePreprocessConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (lists, not tuples) holding every field."""
-        data = asdict(self)
-        for name in ("image_mean", "image_std"):
-            if data[name] is not None:
-                data[name] = list(data[name])
-        return data
+        return config_to_dict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "manifest.json 'preprocess'") -> ImagePreprocessConfig:
@@ -103,18 +101,31 @@ class ImagePreprocessConfig:
 
         `source` names where `data` came from in messages. Defaults to the manifest.
         """
-        if not isinstance(data, Mapping):
-            raise BundleError(f"{source} is {type(data).__name__}, not an object; rebuild the bundle")
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            if f.name in data:
-                values[f.name] = data[f.name]
-            elif f.name != "input_name":
-                raise BundleError(f"{source} is missing '{f.name}'; rebuild the bundle with `vlm-export build`")
-        try:
-            return cls(**values)
-        except (TypeError, ValueError, AttributeError) as exc:
-            raise BundleError(f"{source} has a malformed value ({exc}); rebuild the bundle") from exc
+        return config_from_dict(cls, data, source, optional=("input_name",))
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """A preprocess dataclass as JSON-ready data: every field, tuples as lists."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
+
+
+def config_from_dict(cls: type[_Config], data: Any, source: str, optional: Sequence[str] = ()) -> _Config:
+    """`cls(**data)` for a preprocess dataclass read from a manifest, every failure a BundleError.
+
+    `optional` fields may be absent (their default applies); `source` names `data` in messages.
+    """
+    if not isinstance(data, Mapping):
+        raise BundleError(f"{source} is {type(data).__name__}, not an object; rebuild the bundle")
+    values: dict[str, Any] = {}
+    for f in fields(cls):
+        if f.name in data:
+            values[f.name] = data[f.name]
+        elif f.name not in optional:
+            raise BundleError(f"{source} is missing '{f.name}'; rebuild the bundle with `vlm-export build`")
+    try:
+        return cls(**values)
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise BundleError(f"{source} has a malformed value ({exc}); rebuild the bundle") from exc
 
 
 class ImagePreprocessor:
@@ -127,11 +138,14 @@ class ImagePreprocessor:
     def __init__(self, config: ImagePreprocessConfig) -> None:
         self.config = config
 
+    @classmethod
+    def from_manifest(cls, manifest: Any) -> ImagePreprocessor:
+        """The preprocessor a bundle's manifest 'preprocess' section describes."""
+        return cls(ImagePreprocessConfig.from_dict(manifest.preprocess))
+
     def __call__(self, images: ImageSource | Sequence[ImageSource]) -> np.ndarray:
         """Preprocess one image or a sequence of them into a (N, 3, H, W) float32 array."""
-        batch = as_image_list(images)
-        if not batch:
-            raise InputError("no images given; pass at least one image")
+        batch, _ = image_batch(images)
         arrays = [self.process_one(load_image(image)) for image in batch]
         shapes = {a.shape for a in arrays}
         if len(shapes) > 1:
@@ -141,20 +155,50 @@ class ImagePreprocessor:
             )
         return np.stack(arrays)
 
+    def feed(self, images: ImageSource | Sequence[ImageSource]) -> tuple[dict[str, np.ndarray], bool]:
+        """The vision graph's input for one image or a list, and whether one image was given."""
+        batch, single = image_batch(images)
+        return {self.config.input_name: self(batch)}, single
+
     def process_one(self, image: Image.Image) -> np.ndarray:
         """Preprocess one RGB image into a (3, H, W) float32 array."""
         cfg = self.config
-        if cfg.do_resize:
-            height, width = resize_output_size(image.height, image.width, cfg.size)
-            image = image.resize((width, height), resample=RESAMPLE[cfg.resample])
-        array = np.asarray(image)  # HWC uint8
-        if cfg.do_center_crop:
-            array = center_crop(array, cfg.crop_size["height"], cfg.crop_size["width"])
-        if cfg.do_rescale:
-            array = rescale(array, cfg.rescale_factor)
-        if cfg.do_normalize:
-            array = normalize(array, cfg.image_mean, cfg.image_std)
-        return np.ascontiguousarray(array.transpose(2, 0, 1), dtype=np.float32)
+        return to_pixels(
+            image,
+            resize_to=resize_output_size(image.height, image.width, cfg.size) if cfg.do_resize else None,
+            resample=RESAMPLE[cfg.resample],
+            crop=(cfg.crop_size["height"], cfg.crop_size["width"]) if cfg.do_center_crop else None,
+            rescale_factor=cfg.rescale_factor if cfg.do_rescale else None,
+            mean_std=(cfg.image_mean, cfg.image_std) if cfg.do_normalize else None,
+        )
+
+
+def to_pixels(
+    image: Image.Image,
+    *,
+    resize_to: tuple[int, int] | None,
+    resample: Image.Resampling,
+    crop: tuple[int, int] | None = None,
+    rescale_factor: float | None = None,
+    mean_std: tuple[Sequence[float], Sequence[float]] | None = None,
+) -> np.ndarray:
+    """One RGB image → (3, H, W) float32: the steps every slow image processor shares.
+
+    Resize to (height, width) with Pillow on uint8, center crop to (height, width), rescale
+    in float64 then float32, normalize in float32; a step given None is skipped. This
+    dtype path is what makes the result equal to transformers', not merely close.
+    Defaults to no crop, no rescale, no normalization.
+    """
+    if resize_to is not None:
+        image = image.resize((resize_to[1], resize_to[0]), resample=resample)
+    array = np.asarray(image)  # HWC uint8
+    if crop is not None:
+        array = center_crop(array, *crop)
+    if rescale_factor is not None:
+        array = rescale(array, rescale_factor)
+    if mean_std is not None:
+        array = normalize(array, *mean_std)
+    return np.ascontiguousarray(array.transpose(2, 0, 1), dtype=np.float32)
 
 
 def resize_output_size(height: int, width: int, size: Mapping[str, int]) -> tuple[int, int]:
@@ -203,12 +247,3 @@ def normalize(array: np.ndarray, mean: Sequence[float], std: Sequence[float]) ->
     if not np.issubdtype(array.dtype, np.floating):
         array = array.astype(np.float32)
     return (array - np.asarray(mean, dtype=array.dtype)) / np.asarray(std, dtype=array.dtype)
-
-
-def as_image_list(images: ImageSource | Sequence[ImageSource]) -> list[ImageSource]:
-    """Accept one image or many; a 4-D array is a batch of HWC arrays."""
-    if isinstance(images, np.ndarray):
-        return list(images) if images.ndim == 4 else [images]
-    if isinstance(images, (str, bytes, bytearray, memoryview, Image.Image)) or hasattr(images, "__fspath__"):
-        return [images]
-    return list(images)

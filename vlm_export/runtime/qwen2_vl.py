@@ -2,7 +2,7 @@
 
 Why here and not in the graph: Qwen2-VL's vision tower loops over `image_grid_thw` to
 build its rotary position ids and splits attention by `cu_seqlens.tolist()`; traced, those
-loops freeze one image size into the graph (DESIGN.md). The exported graph therefore takes
+loops freeze one image size into the graph (../shared/DESIGN.md). The exported graph therefore takes
 the rotary cos/sin per patch and a segment id per patch (which image or frame it belongs
 to) as inputs, and everything that depends on the grid is computed here, in numpy, with
 the same arithmetic as transformers: `smart_resize` (sides rounded to multiples of
@@ -18,19 +18,18 @@ instead would cost O(patches²) input memory per call (1 GiB at 16,384 patches).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
 
 from vlm_export.errors import BundleError, InputError
-from vlm_export.runtime.images import ImageSource, load_image
+from vlm_export.runtime.images import ImageSource, image_batch, load_image
 from vlm_export.runtime.model import BundleModel, ComponentRunner
-from vlm_export.runtime.preprocess import RESAMPLE, as_image_list, normalize, rescale
+from vlm_export.runtime.preprocess import RESAMPLE, config_from_dict, config_to_dict, to_pixels
 
 MAX_ASPECT_RATIO = 200  # smart_resize refuses longer/shorter sides above this ratio
-VISION_INPUTS = ("pixel_values", "rotary_cos", "rotary_sin", "segment_ids")
 
 
 @dataclass(frozen=True)
@@ -83,19 +82,12 @@ class Qwen2VLPreprocessConfig:
         return 3 * self.temporal_patch_size * self.patch_size**2
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data.update(image_mean=list(self.image_mean), image_std=list(self.image_std))
-        return data
+        return config_to_dict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "manifest.json 'preprocess'") -> "Qwen2VLPreprocessConfig":
         """Read a config written by `to_dict`; `source` names it in messages. Defaults to the manifest."""
-        if not isinstance(data, Mapping):
-            raise BundleError(f"{source} is {type(data).__name__}, not an object; rebuild the bundle")
-        missing = [f.name for f in fields(cls) if f.name not in data]
-        if missing:
-            raise BundleError(f"{source} is missing '{missing[0]}'; rebuild the bundle with `vlm-export build`")
-        return cls(**{f.name: data[f.name] for f in fields(cls)})
+        return config_from_dict(cls, data, source)
 
 
 @dataclass(frozen=True)
@@ -243,22 +235,19 @@ class Qwen2VLPreprocessor:
         """One RGB image → (patches, C·T·P·P) float32 and its grid [1, grid_h, grid_w]."""
         cfg = self.config
         height, width = self.target_size(image.height, image.width)
-        if cfg.do_resize:
-            image = image.resize((width, height), resample=RESAMPLE[cfg.resample])
-        array = np.asarray(image)  # HWC uint8
-        if cfg.do_rescale:
-            array = rescale(array, cfg.rescale_factor)
-        if cfg.do_normalize:
-            array = normalize(array, cfg.image_mean, cfg.image_std)
-        chw = np.asarray(array, dtype=np.float32).transpose(2, 0, 1)
+        chw = to_pixels(
+            image,
+            resize_to=(height, width) if cfg.do_resize else None,
+            resample=RESAMPLE[cfg.resample],
+            rescale_factor=cfg.rescale_factor if cfg.do_rescale else None,
+            mean_std=(cfg.image_mean, cfg.image_std) if cfg.do_normalize else None,
+        )
         patches = patchify(chw, cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size)
         return patches, np.array([1, height // cfg.patch_size, width // cfg.patch_size], dtype=np.int64)
 
     def __call__(self, images: ImageSource | Sequence[ImageSource]) -> tuple[np.ndarray, np.ndarray]:
         """pixel_values (all patches, concatenated) and image_grid_thw (images, 3), as the processor returns."""
-        batch = as_image_list(images)
-        if not batch:
-            raise InputError("no images given; pass at least one image")
+        batch, _ = image_batch(images)
         items = [self.process_one(load_image(image)) for image in batch]
         return np.concatenate([p for p, _ in items]), np.stack([g for _, g in items])
 
@@ -268,10 +257,10 @@ class Qwen2VLModel(BundleModel):
 
     def __init__(self, manifest: Any, runners: dict[str, ComponentRunner], provider: Any) -> None:
         super().__init__(manifest, runners, provider)
-        self.component = manifest.components["vision"]
+        self.component = manifest.component("vision")
         self.preprocessor = Qwen2VLPreprocessor(Qwen2VLPreprocessConfig.from_dict(manifest.preprocess))
-        self.patch_range = PatchRange.from_dict(manifest.data.get("patch_range"))
-        rotary = manifest.data.get("vision_rotary") or {}
+        self.patch_range = PatchRange.from_dict(manifest.typed.sections.get("patch_range"))
+        rotary = manifest.typed.sections.get("vision_rotary") or {}
         if "inv_freq" not in rotary:
             raise BundleError("manifest.json lacks 'vision_rotary.inv_freq'; rebuild the bundle")
         self.inv_freq = np.asarray(rotary["inv_freq"], dtype=np.float32)
@@ -300,21 +289,19 @@ class Qwen2VLModel(BundleModel):
         One image gives one array, a list gives a list. Several images share a graph run
         (block-diagonal attention via segment ids) while their patches fit the range max.
         """
-        single = not isinstance(images, (list, tuple))
-        prepared = [self.prepare(image) for image in ([images] if single else list(images))]
-        if not prepared:
-            raise InputError("no images given; pass an image path, PIL image or a non-empty list")
+        batch, single = image_batch(images)
+        prepared = [self.prepare(image) for image in batch]
         features: list[np.ndarray] = []
         for group in self._pack(prepared):
             grid = np.stack([g for _, g in group])
             feed = vision_feed(np.concatenate([p for p, _ in group]), grid, self.preprocessor.config.merge_size, self.inv_freq)
-            out = self.run(feed, "vision")[self.component["parity_output"]]
+            out = self.run(feed, "vision")[str(self.component.parity_output)]
             bounds = np.cumsum([len(p) // self.merge_unit for p, _ in group])[:-1]
             features.extend(np.split(out, bounds))
         return features[0] if single else features
 
     def embed(self, images: ImageSource | Sequence[ImageSource]) -> np.ndarray | list[np.ndarray]:
-        """Same as `image_features` (the name `vlm-export run` calls)."""
+        """Same as `image_features`: what `describe` summarises."""
         return self.image_features(images)
 
     def _pack(self, prepared: list[tuple[np.ndarray, np.ndarray]]) -> list[list[tuple[np.ndarray, np.ndarray]]]:

@@ -53,23 +53,29 @@ def ort_providers(provider: Provider) -> list[str]:
 
 
 def create_session(
-    onnx_path: Path,
+    onnx_path: "Path | bytes",
     provider: "Provider | str" = Provider.CPU,
     threads: int | None = None,
     trt_options: dict[str, Any] | None = None,
+    optimize: bool = True,
 ) -> Any:
-    """An InferenceSession with full graph optimisations on the chosen provider.
+    """An InferenceSession on the chosen provider over an ONNX file (or serialized bytes).
 
     `trt_options` are the TensorRT EP's provider options (from the engine plan).
+    `optimize=False` turns every graph optimisation off (Q/DQ then run in float, see
+    verify.evaluation). Defaults to full optimisations, what the runtime runs.
     """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
     providers: list[Any] = ort_providers(Provider.parse(provider))
     if trt_options:
         providers = [(p, trt_options) if p == "TensorrtExecutionProvider" else p for p in providers]
-    return ort.InferenceSession(str(onnx_path), sess_options=options, providers=providers)
+    source = onnx_path if isinstance(onnx_path, bytes) else str(onnx_path)
+    return ort.InferenceSession(source, sess_options=options, providers=providers)

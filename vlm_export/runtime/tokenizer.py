@@ -90,7 +90,7 @@ class TextTokenizer:
     @classmethod
     def from_manifest(cls, manifest: Any, section: str = "tokenizer") -> "TextTokenizer":
         """The tokenizer a bundle describes in manifest[section], its file checksum verified."""
-        config = TokenizerConfig.from_dict(manifest.data.get(section), f"manifest.json '{section}'")
+        config = TokenizerConfig.from_dict(manifest.typed.sections.get(section), f"manifest.json '{section}'")
         return cls(manifest.file(config.file), config)
 
     def encode(self, texts: str | Sequence[str]) -> dict[str, np.ndarray]:

@@ -18,7 +18,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from vlm_export.bundle.schema import VariantEntry
 from vlm_export.errors import BackendUnavailableError, BundleError, InputError
+from vlm_export.runtime.tensorrt import cuda_device, require_tensorrt, select_engine_record
 
 
 def _fmt(shape: Sequence[int]) -> str:
@@ -52,23 +54,6 @@ def check_shape_in_profile(name: str, shape: Sequence[int], profile: Any) -> Non
         raise InputError(f"input '{name}' shape {_fmt(shape)} is outside the engine profile: {', '.join(problems)}")
 
 
-def select_engine_record(engines: Mapping[str, Mapping[str, Any]], trt_version: str, device_cc: str, where: str) -> Mapping[str, Any]:
-    """The engine record built for this TensorRT version and GPU; else a clear refusal."""
-    from vlm_export.engines.build import check_engine_compatible
-
-    if not engines:
-        raise InputError(f"{where} has no TensorRT engine; build one on this device: vlm-export engine OUT --target NAME")
-    first_error: BundleError | None = None
-    for record in engines.values():
-        try:
-            check_engine_compatible(dict(record), trt_version, device_cc)
-            return record
-        except BundleError as exc:
-            first_error = first_error or exc
-    assert first_error is not None
-    raise first_error
-
-
 def _cudart() -> Any:
     try:
         from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
@@ -98,8 +83,6 @@ class TensorRTRunner:
     """
 
     def __init__(self, engine_path: Path, profiles: Sequence[Any] = (), variant: Any = None, verbose: bool = False) -> None:
-        from vlm_export.engines.build import require_tensorrt
-
         trt = require_tensorrt()
         self._trt, self._cudart = trt, _cudart()
         self.variant = variant
@@ -206,20 +189,19 @@ class TensorRTRunner:
             pass
 
 
-def create_runner(root: Path, variant_raw: Mapping[str, Any], variant: Any = None, where: str = "variant") -> TensorRTRunner:
+def create_runner(root: Path, entry: VariantEntry, variant: Any = None, where: str = "variant") -> TensorRTRunner:
     """A runner over the engine of one manifest variant built for this device.
 
     Checks, in order: TensorRT imports, a GPU is there, an engine record matches this
     TensorRT version and compute capability, its path stays inside the bundle and its
-    sha256 matches. `variant_raw` is `components.<c>.variants.<v>` of the manifest.
+    sha256 matches. `entry` is the manifest's `components.<c>.variants.<v>`.
     """
-    from vlm_export.engines.build import cuda_device, require_tensorrt
-    from vlm_export.runtime.manifest import resolve_inside, sha256_file
+    from vlm_export.bundle.paths import resolve_inside, sha256_file
 
     trt = require_tensorrt()
     _name, device_cc = cuda_device()
-    record = select_engine_record(variant_raw.get("engines") or {}, trt.__version__, device_cc, where)
-    path = resolve_inside(Path(root), str(record["path"]))
-    if not path.is_file() or sha256_file(path) != record.get("sha256"):
+    record = select_engine_record(entry.engines, trt.__version__, device_cc, where)
+    path = resolve_inside(Path(root), record.path)
+    if not path.is_file() or sha256_file(path) != record.sha256:
         raise BundleError(f"engine '{path}' is missing or its checksum does not match the manifest; rebuild it with vlm-export engine")
-    return TensorRTRunner(path, record.get("profile", ()), variant=variant)
+    return TensorRTRunner(path, record.profile, variant=variant)

@@ -16,21 +16,14 @@ from vlm_export.recipes import Evaluation, recipe
 
 
 def ort_cpu_session(model: "Path | str | Any", evaluation: Evaluation = Evaluation.ORT_CPU) -> Any:
-    """A CPU InferenceSession over an ONNX file or ModelProto, for `evaluation`.
-
-    FLOAT_QDQ turns every graph optimisation off: no QDQ fusion into QLinear/integer
-    kernels, no S8→U8 rewrite, so each DequantizeLinear feeds a float MatMul.
+    """A CPU session (runtime.session.create_session) over an ONNX file or ModelProto, for
+    `evaluation`. FLOAT_QDQ turns every graph optimisation off: no QDQ fusion into
+    QLinear/integer kernels, no S8→U8 rewrite, so each DequantizeLinear feeds a float MatMul.
     """
-    import onnxruntime as ort
+    from vlm_export.runtime.session import create_session
 
-    source = str(model) if isinstance(model, (str, Path)) else model.SerializeToString()
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.graph_optimization_level = (
-        ort.GraphOptimizationLevel.ORT_DISABLE_ALL if evaluation is Evaluation.FLOAT_QDQ
-        else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    )
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    source = Path(model) if isinstance(model, (str, Path)) else model.SerializeToString()
+    return create_session(source, "cpu", optimize=evaluation is not Evaluation.FLOAT_QDQ)
 
 
 def verdict_session(model: "Path | str | Any", variant_key: str) -> Any:

@@ -2,10 +2,10 @@
 
 Why staging: an interrupted build (Ctrl-C, SIGTERM, SIGKILL, a full disk) must leave
 nothing that looks finished. Everything is written into a marked sibling
-`OUT.partial-<pid>-<token>` folder (vlm_export.staging); manifest.json is written last;
+`OUT.partial-<pid>-<token>` folder (vlm_export.bundle.staging); manifest.json is written last;
 the commit moves it into place without ever losing the only complete bundle
-(vlm_export.swap). OUT is locked for the writer's whole life (vlm_export.locks), and
-what `-o`/`--force` may touch is decided by vlm_export.output_guard.
+(vlm_export.bundle.swap). OUT is locked for the writer's whole life (vlm_export.bundle.locks), and
+what `-o`/`--force` may touch is decided by vlm_export.bundle.output_guard.
 """
 
 from __future__ import annotations
@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from vlm_export.errors import InputError
-from vlm_export.locks import OutputLock
+from vlm_export.bundle.locks import OutputLock
 from vlm_export.os_errors import environment_error
-from vlm_export.output_guard import check_out_path, check_replaceable
-from vlm_export.runtime.manifest import FORMAT_VERSION, MANIFEST_NAME, sha256_file
-from vlm_export.staging import MARKER_NAME, PARTIAL_MARK, create_staging, remove_stale_partials
-from vlm_export.swap import journal_path, move_into_place, recover
+from vlm_export.bundle.output_guard import check_out_path, check_replaceable
+from vlm_export.bundle.paths import sha256_file
+from vlm_export.bundle.schema import MANIFEST_NAME, Manifest
+from vlm_export.bundle.staging import MARKER_NAME, PARTIAL_MARK, create_staging, remove_stale_partials
+from vlm_export.bundle.swap import journal_path, move_into_place, recover
 
 __all__ = ["BundleWriter", "PARTIAL_MARK", "remove_stale_partials"]
 
@@ -113,14 +114,13 @@ class BundleWriter:
     def checksum(self, relative: str) -> str:
         return sha256_file(self.staging / relative)
 
-    def commit(self, manifest: dict[str, Any]) -> Path:
-        """Write manifest.json (with `format_version`) and move the bundle to OUT.
+    def commit(self, manifest: Manifest) -> Path:
+        """Write manifest.json and move the bundle to OUT.
 
         OUT is checked again (minutes passed since the writer was made); the staging
         marker goes only once the swap's journal covers the folder.
         """
-        manifest = {"format_version": FORMAT_VERSION, **manifest}
-        self.write_json(MANIFEST_NAME, manifest)
+        self.path(MANIFEST_NAME).write_text(manifest.dumps(), encoding="utf-8")
         self._check_target()
         move_into_place(self.staging, self.out, before_swap=(self.staging / MARKER_NAME).unlink)
         self._staging = None

@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from vlm_export.errors import InputError
-from vlm_export.output_guard import is_bundle
-from vlm_export.staging import PARTIAL_MARK, sibling
+from vlm_export.bundle.output_guard import is_bundle
+from vlm_export.bundle.staging import PARTIAL_MARK, sibling
 
 AT_FDCWD = -100
 RENAME_NOREPLACE = 1

@@ -1,31 +1,16 @@
 """`vlm-export compare OUT_A OUT_B`: the bundle diff as a table, and a CI gate.
 
-Why a separate module: the command reads only JSON (rich + typer, no torch), and cli.py
-registers it with one line. `_one_line_errors` comes from vlm_export.cli at call time,
-so importing this module never imports the CLI (and cli.py may import this at its top).
+It reads only JSON (rich + typer, no torch); the diff itself is vlm_export.report.compare.
 """
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
-from typing import Any, Callable
 
 import typer
 
+from vlm_export.cli.errors import one_line_errors
 from vlm_export.report.compare import BundleDiff, Thresholds, compare_bundles, diff_rows
-
-
-def _one_line(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """The CLI's one-line error handling (exit 2 on a bad bundle), resolved lazily."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from vlm_export.cli import _one_line_errors
-
-        return _one_line_errors(fn)(*args, **kwargs)
-
-    return wrapper
 
 
 def _verdict(passed: bool | None) -> str:
@@ -58,7 +43,7 @@ def print_diff(diff: BundleDiff) -> None:
         console.print("no regressions", style="green")
 
 
-@_one_line
+@one_line_errors
 def compare(
     bundle_a: Path = typer.Argument(..., help="The bundle before (e.g. the base model's)."),
     bundle_b: Path = typer.Argument(..., help="The bundle after (e.g. the fine-tuned model's)."),

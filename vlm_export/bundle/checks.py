@@ -1,4 +1,5 @@
-"""Bounds and types of the manifest values a bundle's reader acts on, checked up front.
+"""Bounds and types of the manifest values a bundle's reader acts on, checked up front
+(the low-level checks `bundle.schema` composes).
 
 Why: a bundle may come from anyone. A value that is merely odd (`"parity": "oops"`, a
 missing `source`) must be one line naming it, not a traceback far away; a value that is
@@ -37,12 +38,17 @@ def check_depth(text: bytes, where: str) -> None:
         raise BundleError(f"'{where}' nests {depth} levels deep (at most {MAX_DEPTH}); not a manifest this tool wrote, rebuild the bundle")
 
 
-def _bad(where: str, what: str) -> BundleError:
+def bad(where: str, what: str) -> BundleError:
     return BundleError(f"'{where}' has {what}; rebuild the bundle")
 
 
-def _int_in(value: Any, lo: int, hi: int) -> bool:
+def int_in(value: Any, lo: int, hi: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
+
+
+def strings(value: Any) -> bool:
+    """A JSON list of strings."""
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
 
 def check_preprocess(where: str, pre: Any) -> None:
@@ -50,30 +56,30 @@ def check_preprocess(where: str, pre: Any) -> None:
     if pre is None:
         return
     if not isinstance(pre, dict):
-        raise _bad(where, f"'preprocess' of type {type(pre).__name__} (want an object)")
+        raise bad(where, f"'preprocess' of type {type(pre).__name__} (want an object)")
     for key in _SIZE_KEYS:
         value = pre.get(key)
         if value is None:
             continue
         sides = value.values() if isinstance(value, dict) else [value]
-        if not all(_int_in(v, 1, MAX_IMAGE_SIDE) for v in sides):
-            raise _bad(where, f"'preprocess.{key}' {_short(value)} (want whole numbers 1..{MAX_IMAGE_SIDE})")
+        if not all(int_in(v, 1, MAX_IMAGE_SIDE) for v in sides):
+            raise bad(where, f"'preprocess.{key}' {short(value)} (want whole numbers 1..{MAX_IMAGE_SIDE})")
     for key, limit in [*((k, MAX_PIXELS) for k in _PIXEL_KEYS), *((k, MAX_IMAGE_SIDE) for k in _SIDE_KEYS)]:
-        if key in pre and not _int_in(pre[key], 0, limit):
-            raise _bad(where, f"'preprocess.{key}' {_short(pre[key])} (want a whole number 0..{limit})")
+        if key in pre and not int_in(pre[key], 0, limit):
+            raise bad(where, f"'preprocess.{key}' {short(pre[key])} (want a whole number 0..{limit})")
 
 
 def check_tensors(where: str, component: str, key: str, specs: Any) -> None:
     """components.<c>.inputs/outputs: name, dtype, and a shape of symbols or bounded ints."""
     if not isinstance(specs, list):
-        raise _bad(where, f"component '{component}' {key} that is not a list")
+        raise bad(where, f"component '{component}' {key} that is not a list")
     for spec in specs:
         if not (isinstance(spec, dict) and isinstance(spec.get("name"), str) and isinstance(spec.get("dtype"), str)
                 and isinstance(spec.get("shape"), list)):
-            raise _bad(where, f"a malformed entry in component '{component}' {key} (want name, dtype, shape)")
+            raise bad(where, f"a malformed entry in component '{component}' {key} (want name, dtype, shape)")
         fixed = [d for d in spec["shape"] if not isinstance(d, str)]
-        if not all(_int_in(d, 0, MAX_DIM) for d in fixed) or int(np.prod(fixed, dtype=np.float64)) > MAX_ELEMENTS:
-            raise _bad(where, f"component '{component}' {key[:-1]} '{spec['name']}' with shape {_short(spec['shape'])} "
+        if not all(int_in(d, 0, MAX_DIM) for d in fixed) or int(np.prod(fixed, dtype=np.float64)) > MAX_ELEMENTS:
+            raise bad(where, f"component '{component}' {key[:-1]} '{spec['name']}' with shape {short(spec['shape'])} "
                               f"(each dim at most {MAX_DIM}, {MAX_ELEMENTS} elements in all)")
 
 
@@ -81,35 +87,36 @@ def check_variant(where: str, name: str, key: str, variant: dict[str, Any]) -> N
     """The fields a reader of a variant uses: strings, a providers list, external_data entries."""
     for field in ("precision", "onnx", "sha256"):
         if field in variant and not isinstance(variant[field], str):
-            raise _bad(where, f"variant '{name}/{key}' field '{field}' that is not a string")
+            raise bad(where, f"variant '{name}/{key}' field '{field}' that is not a string")
     providers = variant.get("providers", [])
     if not (isinstance(providers, list) and all(isinstance(p, str) for p in providers)):
-        raise _bad(where, f"variant '{name}/{key}' 'providers' that is not a list of strings")
+        raise bad(where, f"variant '{name}/{key}' 'providers' that is not a list of strings")
     external = variant.get("external_data", [])
     if not (isinstance(external, list) and all(isinstance(e, dict) and isinstance(e.get("file"), str)
-                                                and isinstance(e.get("sha256"), str) for e in external)):
-        raise _bad(where, f"variant '{name}/{key}' 'external_data' that is not a list of {{file, sha256}} objects")
+                                                and isinstance(e.get("sha256"), str)
+                                                and (e.get("bytes") is None or int_in(e["bytes"], 0, 1 << 50)) for e in external)):
+        raise bad(where, f"variant '{name}/{key}' 'external_data' that is not a list of {{file, sha256}} objects")
 
 
 def check_top_level(where: str, data: dict[str, Any]) -> None:
     """family, source, parity, files, labels: present where required, of the right type."""
     if not isinstance(data.get("family"), str):
-        raise _bad(where, "no 'family' string")
+        raise bad(where, "no 'family' string")
     if not isinstance(data.get("source"), dict):
-        raise _bad(where, "no 'source' object (path, config_sha256, model_type)")
+        raise bad(where, "no 'source' object (path, config_sha256, model_type)")
     parity = data.get("parity", {})
     if not isinstance(parity, dict):
-        raise _bad(where, f"'parity' of type {type(parity).__name__} (want an object)")
+        raise bad(where, f"'parity' of type {type(parity).__name__} (want an object)")
     if not isinstance(parity.get("file", ""), str) or parity.get("passed") not in (True, False, None):
-        raise _bad(where, "a malformed 'parity' object (want file: string, passed: true/false)")
+        raise bad(where, "a malformed 'parity' object (want file: string, passed: true/false)")
     files = data.get("files", {})
     if not (isinstance(files, dict) and all(isinstance(v, dict) for v in files.values())):
-        raise _bad(where, "a malformed 'files' object")
+        raise bad(where, "a malformed 'files' object")
     labels = data.get("labels")
     if labels is not None and not (isinstance(labels, list) and all(isinstance(x, str) for x in labels)):
-        raise _bad(where, "malformed 'labels' (want a list of strings)")
+        raise bad(where, "malformed 'labels' (want a list of strings)")
 
 
-def _short(value: Any) -> str:
+def short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."

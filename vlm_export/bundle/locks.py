@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 from vlm_export.errors import InputError
-from vlm_export.staging import sibling
+from vlm_export.bundle.staging import sibling
 
 LOCK_SUFFIX = ".vlm-export.lock"
 _RETRIES = 5

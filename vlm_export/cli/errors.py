@@ -1,7 +1,8 @@
-"""The command line's one error policy: one line on stderr, a meaningful exit code.
+"""The command line's one error policy, used by every command: one line on stderr, a
+meaningful exit code.
 
-- VlmExportError → `error: <first line>` and its exit code (2 for anything the user can
-  fix, 1 for parity);
+- VlmExportError → `error: <first line>` and its exit code (2: the user can fix it);
+  a parity failure is not an exception: `build` fails with exit 1 itself;
 - a full disk or a read-only folder met anywhere → one line and 2 (vlm_export.os_errors);
 - Ctrl-C (SIGINT) → 130 and SIGTERM → 143, both after the BundleWriter removed its
   staging folder (the signal becomes a KeyboardInterrupt that unwinds through it);

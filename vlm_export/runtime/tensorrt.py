@@ -1,0 +1,161 @@
+"""Device-side TensorRT helpers: is TensorRT here, which GPU is this, may this engine run.
+
+Why in the runtime: the device loads engines and asks these questions; the build side
+(`engines.build`) asks them too and imports them from here, never the other way round.
+`tensorrt` and cuda-python are imported inside functions, so importing this module
+never needs them; `check_engine_compatible` and `select_engine_record` are pure.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Mapping
+
+from vlm_export.bundle.schema import EngineRecord, EpPlan, VariantEntry
+from vlm_export.errors import BackendUnavailableError, BundleError, InputError
+
+INSTALL_HINT = "install TensorRT on the device (runtimes/README.md) or run the printed trtexec lines there"
+
+
+@lru_cache(maxsize=1)
+def _tensorrt_import_error() -> str | None:
+    try:
+        import tensorrt
+
+        getattr(tensorrt, "Builder")
+    except Exception as exc:  # noqa: BLE001 - stubs raise anything from ImportError to RuntimeError
+        return f"{type(exc).__name__}: {exc}".splitlines()[0]
+    return None
+
+
+def is_tensorrt_available() -> bool:
+    """True when `import tensorrt` gives the real bindings (not a registry stub)."""
+    return _tensorrt_import_error() is None
+
+
+def require_tensorrt() -> Any:
+    """The tensorrt module, or a one-line BackendUnavailableError naming what is missing."""
+    error = _tensorrt_import_error()
+    if error is not None:
+        raise BackendUnavailableError(f"TensorRT is not installed here (import tensorrt: {error}); {INSTALL_HINT}")
+    import tensorrt
+
+    return tensorrt
+
+
+def cuda_device(index: int = 0) -> tuple[str, str]:
+    """(name, "major.minor") of CUDA device `index`, via cuda-python, else nvidia-smi."""
+    try:
+        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
+    except ImportError:
+        try:
+            from cuda import cudart  # type: ignore[no-redef]  # older cuda-python
+        except ImportError:
+            return _nvidia_smi_device(index)
+    err, count = cudart.cudaGetDeviceCount()
+    if err != cudart.cudaError_t.cudaSuccess or count <= index:
+        raise BackendUnavailableError(f"no CUDA GPU {index} visible (cudaGetDeviceCount: {err}); TensorRT needs a GPU")
+    err, prop = cudart.cudaGetDeviceProperties(index)
+    name = prop.name.decode(errors="replace").rstrip("\x00") if isinstance(prop.name, bytes) else str(prop.name)
+    return name, f"{prop.major}.{prop.minor}"
+
+
+def _nvidia_smi_device(index: int) -> tuple[str, str]:
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        raise BackendUnavailableError("no CUDA GPU found (neither cuda-python nor nvidia-smi is available); TensorRT needs a GPU")
+    out = subprocess.run([exe, "--query-gpu=name,compute_cap", "--format=csv,noheader"], capture_output=True, text=True, timeout=30)
+    rows = [r.split(",") for r in out.stdout.strip().splitlines() if "," in r]
+    if out.returncode != 0 or len(rows) <= index:
+        raise BackendUnavailableError(f"no CUDA GPU {index} visible (nvidia-smi exit {out.returncode}); TensorRT needs a GPU")
+    return rows[index][0].strip(), rows[index][1].strip()
+
+
+def _version_key(version: str) -> tuple[str, ...]:
+    """10.3.0.30 → ("10", "3", "0"): engines are tied to major.minor.patch."""
+    return tuple(version.split(".")[:3])
+
+
+def check_engine_compatible(record: EngineRecord, runtime_trt_version: str, device_cc: str) -> None:
+    """Refuse an engine built with another TensorRT version or for another GPU.
+
+    Why: TensorRT plans are neither forward/backward compatible across versions nor
+    portable across compute capabilities; loading one fails with an opaque
+    deserialisation error or, worse, runs slow kernels for the wrong architecture.
+    """
+    if _version_key(record.tensorrt_version) == _version_key(runtime_trt_version) and record.compute_capability == device_cc:
+        return
+    raise BundleError(
+        f"engine '{record.path}' was built with TensorRT {record.tensorrt_version} for compute {record.compute_capability} "
+        f"({record.device}); this machine has TensorRT {runtime_trt_version} on compute {device_cc}; "
+        f"rebuild it here: vlm-export engine OUT --target {record.target or 'NAME'}"
+    )
+
+
+def select_engine_record(engines: Mapping[str, EngineRecord], trt_version: str, device_cc: str, where: str) -> EngineRecord:
+    """The engine record built for this TensorRT version and GPU; else a clear refusal."""
+    if not engines:
+        raise InputError(f"{where} has no TensorRT engine; build one on this device: vlm-export engine OUT --target NAME")
+    first_error: BundleError | None = None
+    for record in engines.values():
+        try:
+            check_engine_compatible(record, trt_version, device_cc)
+            return record
+        except BundleError as exc:
+            first_error = first_error or exc
+    assert first_error is not None
+    raise first_error
+
+
+# --- onnxruntime's TensorRT EP: options rendered from the plan the build recorded ------
+
+def ep_cache_dir(config_sha256: str, target: str) -> Path:
+    """Where the EP keeps its engines and timing cache for one model and target: outside
+    the bundle, which stays as built (checksums hold, read-only media work). Defaults to
+    ~/.cache/vlm-export/ort-trt/<config hash>/<target> ($VLM_EXPORT_CACHE moves the root)."""
+    from vlm_export.cache import cache_root
+
+    return cache_root() / "ort-trt" / config_sha256[:16] / target
+
+
+def ep_provider_options(precision: str, recorded: EpPlan, engine_cache: Path, timing_cache: Path) -> dict[str, Any]:
+    """onnxruntime TensorrtExecutionProvider options for one recorded plan.
+
+    The EP builds its own engine from the ONNX file (its cache is not our .plan), so the
+    options restate the plan: fp16/int8 per variant precision (INT8 from the graph's
+    QDQ, no calibration table), the profile shapes, the workspace and the DLA core.
+    """
+    options: dict[str, Any] = {
+        "trt_fp16_enable": precision == "fp16",
+        "trt_int8_enable": precision == "int8",
+        "trt_engine_cache_enable": True,
+        "trt_engine_cache_path": str(engine_cache),
+        "trt_timing_cache_enable": True,
+        "trt_timing_cache_path": str(timing_cache),
+        "trt_max_workspace_size": recorded.workspace_mib * (1 << 20),
+    }
+    for which in ("min", "opt", "max"):
+        shapes = getattr(recorded, f"{which}_shapes")
+        if shapes is not None:
+            options[f"trt_profile_{which}_shapes"] = shapes
+    if recorded.dla_core is not None:
+        options["trt_dla_enable"] = True
+        options["trt_dla_core"] = recorded.dla_core
+    return options
+
+
+def recorded_ep_options(entry: VariantEntry, target: str, config_sha256: str, where: str) -> dict[str, Any]:
+    """The EP options of `target` as the build recorded them for one variant, with the
+    EP's engine and timing caches in `ep_cache_dir` (outside the bundle).
+
+    Why recorded, not planned here: the runtime never plans; the build planned every
+    known target (cheap JSON), so any device picks its own at load time.
+    """
+    if target not in entry.tensorrt_ep:
+        known = ", ".join(entry.tensorrt_ep) or "none (a bundle built before TensorRT EP plans were recorded; rebuild it)"
+        raise InputError(f"{where} has no TensorRT EP plan for target '{target}' (--target); recorded: {known}")
+    cache = ep_cache_dir(config_sha256, target)
+    return ep_provider_options(entry.precision, entry.tensorrt_ep[target], engine_cache=cache, timing_cache=cache)
