@@ -2,8 +2,13 @@
 
     python benchmarks/bench_cpu.py BUNDLE [--batches 1,8] [--runs 20]
 
-Prints a table: p50/p90 ms per variant and batch size, and the speed-up over PyTorch
-FP32 eager measured in the same process. Then the runtime's import time and resident
+Prints a table: p50/p90/p99 ms per variant and batch size, and the speed-up over PyTorch
+FP32 eager measured in the same process: PyTorch (eager and SDPA attention) and every
+variant run in interleaved rounds (vlm_export.verify.latency, the code `build` and
+`vlm-export bench` measure with), the ratio being the median over rounds of the faster
+PyTorch p50 / variant p50, with its interquartile range. The machine state (CPU, ISA
+flags, threads, versions, load average before and after) is printed, and the ratios are
+marked unreliable when the load exceeded the cores the run used. Then the runtime's import time and resident
 memory against a bare `import onnxruntime`, each in a fresh interpreter.
 """
 
@@ -62,27 +67,33 @@ def main() -> None:
     from vlm_export.export import torch_outputs
     from vlm_export.runtime import load
     from vlm_export.runtime.manifest import read_manifest
-    from vlm_export.verify import measure
+    from vlm_export.verify.latency import interleaved, ratio_stats, split_runs
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    spec = _pytorch_module(args.bundle)
+    # PyTorch FP32 eager (no compile) with both attention kernels, one module each so that
+    # they interleave; the faster one in each round is the baseline, so that a ratio never
+    # flatters the bundle.
+    specs = {}
+    for attn in ("eager", "sdpa"):
+        specs[attn] = _pytorch_module(args.bundle)
+        specs[attn].module.model.set_attn_implementation(attn)
     variants = list(read_manifest(args.bundle).variants("vision"))
-    print(f"bundle {args.bundle}; torch threads {torch.get_num_threads()}")
-    print(f"{'batch':>5} {'variant':<18} {'p50 ms':>9} {'p90 ms':>9} {'× PyTorch (faster of eager/sdpa)':>10}")
+    models = {key: load(args.bundle, variant=key) for key in variants}
+    rounds, per_round = split_runs(args.runs)
+    print(f"bundle {args.bundle}; torch threads {torch.get_num_threads()}; {rounds} interleaved rounds × {per_round} runs")
+    print(f"{'batch':>5} {'variant':<18} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9}  × PyTorch (faster of eager/sdpa), IQR")
     for batch in [int(b) for b in args.batches.split(",")]:
         feed = _feed(args.bundle, batch)
-        # PyTorch FP32 eager (no compile) with both attention kernels; the faster one is
-        # the baseline, so that a ratio never flatters the bundle.
-        timings = {}
-        for attn in ("eager", "sdpa"):
-            spec.module.model.set_attn_implementation(attn)
-            timings[attn] = measure(lambda: torch_outputs(spec, feed), runs=args.runs)
-            print(f"{batch:>5} {'pytorch-' + attn:<18} {timings[attn]['p50_ms']:>9.2f} {timings[attn]['p90_ms']:>9.2f}")
-        base = min(timings.values(), key=lambda t: t["p50_ms"])
-        for key in variants:
-            model = load(args.bundle, variant=key)
-            lat = measure(lambda: model.run(feed), runs=args.runs)
-            print(f"{batch:>5} {key:<18} {lat['p50_ms']:>9.2f} {lat['p90_ms']:>9.2f} {base['p50_ms'] / lat['p50_ms']:>10.2f}")
+        candidates = {f"pytorch-{attn}": (lambda s=s: torch_outputs(s, feed)) for attn, s in specs.items()}
+        candidates.update({key: (lambda m=m: m.run(feed)) for key, m in models.items()})
+        measured = interleaved(candidates, rounds, per_round)
+        base = np.minimum(measured.round_p50["pytorch-eager"], measured.round_p50["pytorch-sdpa"])
+        busy = measured.busy
+        for name, stats in measured.stats.items():
+            ratio = "" if name.startswith("pytorch") else (
+                f"unreliable ({busy})" if busy else "{median:.2f}× ({q1:.2f}–{q3:.2f})".format(**ratio_stats(base, measured.round_p50[name])))
+            print(f"{batch:>5} {name:<18} {stats['p50_ms']:>9.2f} {stats['p90_ms']:>9.2f} {stats['p99_ms']:>9.2f}  {ratio}")
+        print(f"machine: {json.dumps(measured.conditions_json())}")
     ort_ms, ort_mb = _import_cost("import onnxruntime")
     rt_ms, rt_mb = _import_cost("import vlm_export.runtime")
     print(f"import onnxruntime: {ort_ms:.0f} ms, {ort_mb:.0f} MB RSS; import vlm_export.runtime: {rt_ms:.0f} ms, {rt_mb:.0f} MB RSS")

@@ -89,6 +89,11 @@ def test_bench_cpu_writes_bench_json_only(vit_bundle: Path, tmp_path: Path) -> N
     for r in rows:
         assert 0 < r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"]
         assert r["throughput_per_s"] == pytest.approx(r["batch"] * 1e3 / r["p50_ms"])
+        # Interleaved rounds (issue 18): the ratio to fp32 per round, with its quartiles.
+        assert r["vs"]["baseline"] == "fp32" and r["vs"]["q1"] <= r["vs"]["median"] <= r["vs"]["q3"]
+    conditions = data["providers"]["cpu"]["conditions"]
+    assert conditions["method"]["order"] == ["fp32", "fp16", "int8", "int8-cpu"] and conditions["measurements"] == 2
+    assert {"cpu", "threads", "onnxruntime", "loadavg"} <= set(conditions["before"]) and conditions["after"]["cpu"]["isa"] is not None
     assert (bundle / "manifest.json").read_bytes() == manifest_before
     added = [Path("bench.json"), Path("plots/latency_vs_batch.png")]  # the reports are refreshed with the bench
     assert sorted(p.relative_to(bundle) for p in bundle.rglob("*")) == sorted([*files_before, *added])

@@ -149,6 +149,9 @@ def test_manifest_random_json(fuzz_bundle: Path, value: Any) -> None:
 
 @FUZZ
 @example(value=VALID)
+@example(value={  # found by this fuzzer (session 2): `fp32_fallback: null` crashed `load` with a TypeError
+    "format_version": 1, "family": "vit", "components": {"vision": {"variants": {}, "fp32_fallback": None}},
+    "source": {"path": "", "config_sha256": "0" * 64, "model_type": "vit"}})
 @given(value=structured_manifests)
 def test_manifest_structured_mutations(fuzz_bundle: Path, value: dict) -> None:
     """Refused in one line naming manifest.json, or loaded with exactly the given fields."""

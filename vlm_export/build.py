@@ -195,32 +195,44 @@ def _guard_int8_variants(
 
 
 def _parity(
-    spec: ComponentSpec, paths: dict[str, Path], parity_feed: dict[str, np.ndarray], opts: BuildOptions, reporter: Reporter
+    spec: ComponentSpec, paths: dict[str, Path], parity_feed: dict[str, np.ndarray], opts: BuildOptions, reporter: Reporter,
+    conditions: dict[str, Any] | None = None,
 ) -> list[ParityRecord]:
+    """Verdicts per variant, then batch-1 latency of PyTorch and every variant measured in
+    interleaved rounds (verify.latency); the measurement's machine state goes to
+    `conditions[spec.name]` (parity.json "latency_conditions")."""
     from vlm_export.export import torch_outputs
     from vlm_export.recipes import Evaluation
     from vlm_export.runtime.session import create_session
-    from vlm_export.verify import compare, evaluate, first_sample, measure, run_batched
+    from vlm_export.verify import compare, evaluate, first_sample, run_batched
     from vlm_export.verify.evaluation import verdict_session
+    from vlm_export.verify.latency import interleaved, split_runs
 
     feed = {t.name: parity_feed[t.name] for t in spec.inputs}
     one = first_sample(feed)
-    records = []
+    records, sessions = [], {}
     with reporter.task(f"[{spec.name}] parity vs PyTorch FP32", total=len(paths) + 1) as task:
         reference = run_batched(lambda f: torch_outputs(spec, f), feed)
-        torch_latency = measure(lambda: torch_outputs(spec, one), runs=opts.latency_runs)
         task.advance()
         for key, path in paths.items():
-            session = create_session(path, "cpu")  # what the runtime runs: latency, and the CPU kernels' outputs
+            session = sessions[key] = create_session(path, "cpu")  # what the runtime runs: latency, and the CPU kernels' outputs
             outputs = _run_session(session, feed)
             judged = outputs if recipe(key).evaluation is Evaluation.ORT_CPU else _run_session(verdict_session(path, key), feed)
             record = evaluate(spec, key, recipe(key).precision, reference, judged, evaluation=recipe(key).evaluation)
             if judged is not outputs:  # reported beside the verdict, labelled, never judged
                 record.beside["ort_cpu_kernels"] = compare(reference[spec.parity_output], outputs[spec.parity_output], spec.parity_kind)
-            record.latency["cpu"] = measure(lambda: session.run(None, one), runs=opts.latency_runs)
-            record.latency["pytorch-eager-cpu"] = torch_latency
             records.append(record)
             task.advance()
+    with reporter.task(f"[{spec.name}] latency: PyTorch and {len(sessions)} variant(s) in interleaved rounds", total=None):
+        candidates = {"pytorch-eager-cpu": lambda: torch_outputs(spec, one)}
+        candidates.update({key: (lambda s=s: s.run(None, one)) for key, s in sessions.items()})
+        rounds, per_round = split_runs(opts.latency_runs)
+        measured = interleaved(candidates, rounds, per_round)
+    for record in records:
+        record.latency["cpu"] = {**measured.stats[record.variant], "vs_pytorch": measured.ratio("pytorch-eager-cpu", record.variant)}
+        record.latency["pytorch-eager-cpu"] = measured.stats["pytorch-eager-cpu"]
+    if conditions is not None:
+        conditions[spec.name] = measured.conditions_json()
     return records
 
 
@@ -272,10 +284,10 @@ def build(opts: BuildOptions, reporter: Reporter | None = None) -> BuildResult:
         parity_feed = family.sample_inputs(loaded, [img for _, img in parity_images])
         calib = _calibration_data(opts, family, loaded, reporter) if "int8" in opts.precisions else None
         result = BuildResult(out=opts.out)
-        components, all_paths = {}, {}
+        components, all_paths, latency_conditions = {}, {}, {}
         for spec in family.components(loaded):
             paths = all_paths[spec.name] = _build_variants(spec, writer, opts, calib, reporter, result.guard, result.methods)
-            records = _parity(spec, paths, parity_feed, opts, reporter)
+            records = _parity(spec, paths, parity_feed, opts, reporter, latency_conditions)
             result.records.extend(records)
             components[spec.name] = _component_manifest(spec, paths, writer, records, opts.precisions)
         end_to_end = _end_to_end(family, loaded, all_paths, [img for _, img in parity_images], reporter)
@@ -287,6 +299,7 @@ def build(opts: BuildOptions, reporter: Reporter | None = None) -> BuildResult:
             "end_to_end": end_to_end,
             "int8_guard": result.guard,
             "calibration_methods": result.methods,
+            "latency_conditions": latency_conditions,  # per component: machine state, threads, load, rounds
         }
         writer.write_json("parity.json", parity)
         manifest = record_ep_plans(Manifest(

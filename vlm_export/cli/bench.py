@@ -68,30 +68,53 @@ def _write_bench(bundle: Path, provider: str, entry: dict[str, Any], output: Opt
     return write_bundle_file(folder, name, (json.dumps(data, indent=2) + "\n").encode("utf-8"))
 
 
-def _bench_rows(bundle: Path, provider: str, batches: list[int], runs: int, variants: Optional[list[str]], target: Optional[str], threads: Optional[int]) -> list[dict[str, Any]]:
-    """Sizes of symbolic dims other than batch: the opt of `target`'s engine profile, else
-    the opt the family declared for the component (manifest `dims`)."""
+def _bench_rows(bundle: Path, provider: str, batches: list[int], runs: int, variants: Optional[list[str]], target: Optional[str],
+                threads: Optional[int], conditions: Optional[list[dict[str, Any]]] = None) -> list[dict[str, Any]]:
+    """Per component and batch size, every variant measured in interleaved rounds
+    (verify.latency): absolute p50/p90/p99 and the median per-round ratio to the fp32
+    variant (`vs`, with its quartiles). Each measurement's machine state is appended to
+    `conditions`. Sizes of symbolic dims other than batch: the opt of `target`'s engine
+    profile, else the opt the family declared for the component (manifest `dims`)."""
     from vlm_export.engines import get_target, symbol_sizes
     from vlm_export.runtime import load
     from vlm_export.runtime.manifest import read_manifest
-    from vlm_export.verify import measure
+    from vlm_export.verify.latency import interleaved, split_runs
 
     manifest = read_manifest(bundle)
+    rounds, per_round = split_runs(runs)
     rows = []
     for component in manifest.components:
         comp = manifest.component(component)
         sizes = symbol_sizes(comp, get_target(target) if target else None)
         keys = [k for k in comp.variants if variants is None or k in variants]
-        for key in keys:
-            model = load(bundle, provider=provider, variant=key, components=[component], threads=threads)
-            for batch in batches:
-                feed = bench_feed([t.to_json() for t in comp.inputs], batch, sizes)
-                stats = measure(lambda: model.run(feed, component), runs=runs)
+        if not keys:
+            continue
+        models = {key: load(bundle, provider=provider, variant=key, components=[component], threads=threads) for key in keys}
+        base = "fp32" if "fp32" in keys else keys[0]
+        for batch in batches:
+            feed = bench_feed([t.to_json() for t in comp.inputs], batch, sizes)
+            measured = interleaved({key: (lambda m=m: m.run(feed, component)) for key, m in models.items()}, rounds, per_round,
+                                   ort_threads=threads)
+            if conditions is not None:
+                conditions.append(measured.conditions_json())
+            for key in keys:
+                stats = measured.stats[key]
                 rows.append({"component": component, "variant": key, "precision": comp.variants[key].precision,
-                             "batch": batch, **stats, "throughput_per_s": batch * 1e3 / stats["p50_ms"]})
+                             "batch": batch, **stats, "throughput_per_s": batch * 1e3 / stats["p50_ms"],
+                             "vs": {"baseline": base, **measured.ratio(base, key)}})
     if not rows:
         raise InputError(f"no variant of '{bundle}' matches --variants {','.join(variants or [])}")
     return rows
+
+
+def merge_conditions(conditions: list[dict[str, Any]]) -> dict[str, Any]:
+    """One record for a whole bench run: the state before its first measurement and after
+    its last, the method, and the busiest reason any measurement gave (None when quiet)."""
+    if not conditions:
+        return {}
+    busy = [c["busy"] for c in conditions if c.get("busy")]
+    return {"before": conditions[0].get("before"), "after": conditions[-1].get("after"), "method": conditions[0].get("method"),
+            "measurements": len(conditions), "busy": busy[0] if busy else None}
 
 
 def _parse_batches(text: str) -> list[int]:
@@ -141,7 +164,7 @@ def bench(
     bundle: Path = typer.Argument(..., help="A bundle folder made by `vlm-export build`."),
     provider: str = typer.Option("cpu", help="cpu, cuda, tensorrt-ep (onnxruntime providers)."),
     batch: str = typer.Option("1,8", help="Comma list of batch sizes."),
-    runs: int = typer.Option(20, help="Timed runs per variant and batch size (after 3 warm-up runs)."),
+    runs: int = typer.Option(20, help="Timed runs per variant and batch size, split into interleaved rounds of at most 5 (after 3 warm-up runs)."),
     variants: Optional[str] = typer.Option(None, help="Comma list of variant keys. Defaults to every variant of the bundle."),
     target: Optional[str] = typer.Option(None, help="Size patch/sequence dims at this target's engine-profile opt values. Defaults to the opt sizes the model declared."),
     threads: Optional[int] = typer.Option(None, help="Intra-op threads for onnxruntime (1..4 per CPU core). Defaults to onnxruntime's choice."),
@@ -155,14 +178,23 @@ def bench(
 
     _check_ranges(runs, threads)
     batches = _parse_batches(batch)
-    rows = _bench_rows(bundle, provider, batches, runs, comma_list(variants), target, threads)
-    table = Table(title=f"{bundle} on {provider}: {runs} runs per row")
-    for col in ("component", "variant", "batch", "p50 ms", "p90 ms", "p99 ms", "items/s"):
+    measured: list[dict[str, Any]] = []
+    rows = _bench_rows(bundle, provider, batches, runs, comma_list(variants), target, threads, measured)
+    conditions = merge_conditions(measured)
+    method = conditions.get("method") or {}
+    table = Table(title=f"{bundle} on {provider}: {method.get('rounds')} interleaved rounds × {method.get('runs_per_round')} runs per row")
+    for col in ("component", "variant", "batch", "p50 ms", "p90 ms", "p99 ms", "items/s", "× base (IQR)"):
         table.add_column(col, no_wrap=True)
     for r in rows:
-        table.add_row(r["component"], r["variant"], str(r["batch"]), f"{r['p50_ms']:.2f}", f"{r['p90_ms']:.2f}", f"{r['p99_ms']:.2f}", f"{r['throughput_per_s']:.1f}")
-    console = Console() if Console().is_terminal else Console(width=120)
+        vs = r["vs"]
+        ratio = "unreliable" if conditions.get("busy") else f"{vs['median']:.2f}× ({vs['q1']:.2f}–{vs['q3']:.2f}) vs {vs['baseline']}"
+        table.add_row(r["component"], r["variant"], str(r["batch"]), f"{r['p50_ms']:.2f}", f"{r['p90_ms']:.2f}", f"{r['p99_ms']:.2f}",
+                      f"{r['throughput_per_s']:.1f}", ratio)
+    console = Console() if Console().is_terminal else Console(width=140)
     console.print(table)
+    if conditions.get("busy"):
+        typer.echo(f"warning: the machine was busy ({conditions['busy']}): these figures are unreliable; re-run on a quiet machine", err=True)
     entry = {"measured_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "onnxruntime": ort.__version__,
-             "machine": f"{platform.machine()} {platform.processor() or platform.system()}", "threads": threads, "runs": runs, "results": rows}
+             "machine": f"{platform.machine()} {platform.processor() or platform.system()}", "threads": threads, "runs": runs,
+             "conditions": conditions, "results": rows}
     _save(bundle, provider, entry, output)

@@ -11,7 +11,9 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from vlm_export.bundle.schema import Manifest, as_manifest
-from vlm_export.report.tables import Status, Table, bench_tables, calibration_tables, end_to_end_table, guard_tables
+from vlm_export.report.tables import (
+    Status, Table, bench_tables, calibration_tables, end_to_end_table, guard_tables, latency_busy, latency_table, speedup_text,
+)
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -34,8 +36,7 @@ def parity_rows(manifest: Manifest | Mapping[str, Any], parity: dict[str, Any], 
         m = rec["metrics"]
         variant = manifest.components[rec["component"]].variants[rec["variant"]]
         cpu = rec["latency"].get("cpu", {})
-        torch_ms = rec["latency"].get("pytorch-eager-cpu", {}).get("p50_ms")
-        speedup = torch_ms / cpu["p50_ms"] if torch_ms and cpu.get("p50_ms") else None
+        speedup = speedup_text(rec, "cpu", latency_busy(parity, rec["component"]))
         rows.append(
             [
                 rec["component"],
@@ -46,7 +47,7 @@ def parity_rows(manifest: Manifest | Mapping[str, Any], parity: dict[str, Any], 
                 _fmt(m["max_abs"]),
                 _fmt(m.get("top1_agreement")),
                 _fmt(cpu.get("p50_ms"), 3),
-                _fmt(speedup, 3),
+                speedup,
                 _fmt(variant.bytes / 1e6 if variant.bytes is not None else None, 1),
             ]
         )
@@ -103,8 +104,8 @@ def render(
         "",
         f"Source: `{src['path']}` (config sha256 {src['config_sha256'][:12]}…). Verdict: **{verdict}**.",
         "",
-        f"Parity on {len(parity['samples'])} images: {', '.join(parity['samples'])}. Batch-1 latency on the ORT CPU provider; "
-        "× PyTorch = PyTorch FP32 eager p50 / variant p50, measured in the same run.",
+        f"Parity on {len(parity['samples'])} images: {', '.join(parity['samples'])}. Batch-1 latency on the ORT CPU provider. "
+        + latency_table(parity).note,
         "",
         _table(header, parity_rows(manifest, parity)),
         "",

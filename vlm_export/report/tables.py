@@ -114,18 +114,70 @@ def _verdict_note(machine: Any) -> str:
             "CPU. The last figure is the QDQ graph on this CPU's integer kernels, reported only.")
 
 
+def latency_busy(parity: dict[str, Any], component: str) -> str | None:
+    """"load 3.2 > 2 cores" when the component's latency was measured on a busy machine
+    (parity.json "latency_conditions"); None when quiet or not recorded (older bundles)."""
+    from vlm_export.verify.latency import busy_reason
+
+    return busy_reason((parity.get("latency_conditions") or {}).get(component))
+
+
+def speedup_text(rec: dict[str, Any], provider: str = "cpu", busy: str | None = None) -> str:
+    """The "× PyTorch" figure of one record: the median of per-round ratios with its
+    interquartile range ("1.71× (1.65–1.76)"), "unreliable (load 3.2 > 2 cores)" when the
+    machine was busy, or the plain p50 ratio for records measured before interleaving."""
+    latency = rec.get("latency", {})
+    lat, torch_lat = latency.get(provider) or {}, latency.get("pytorch-eager-cpu") or {}
+    if not lat.get("p50_ms") or not (torch_lat.get("p50_ms") or lat.get("vs_pytorch")):
+        return DASH
+    if busy:
+        return f"unreliable ({busy})"
+    ratio = lat.get("vs_pytorch")
+    if isinstance(ratio, dict) and ratio.get("median"):
+        return f"{ratio['median']:.2f}× ({ratio.get('q1', ratio['median']):.2f}–{ratio.get('q3', ratio['median']):.2f})"
+    return f"{torch_lat['p50_ms'] / lat['p50_ms']:.2f}×"
+
+
+def _latency_note(parity: dict[str, Any]) -> str:
+    """How the figures were measured, on what, and whether to believe them."""
+    conditions = parity.get("latency_conditions") or {}
+    parts = ["× PyTorch = median over interleaved rounds of (PyTorch FP32 eager p50 / variant p50) in the same round, "
+             "with the interquartile range of the per-round ratios in brackets." if conditions else
+             "× PyTorch = PyTorch FP32 eager p50 / variant p50, same run."]
+    for comp, c in conditions.items():
+        if not isinstance(c, dict):
+            continue
+        before, after, method = c.get("before") or {}, c.get("after") or {}, c.get("method") or {}
+        cpu, threads = before.get("cpu") or {}, before.get("threads") or {}
+        isa = ", ".join(cpu.get("isa") or []) or "none of the tracked ISA flags"
+        load = f"load average {_load(before)} before, {_load(after)} after"
+        busy = latency_busy(parity, comp)
+        parts.append(
+            f"{comp}: {method.get('rounds', '?')} rounds × {method.get('runs_per_round', '?')} runs on {cpu.get('model', '?')} "
+            f"({cpu.get('cores', '?')} cores; {isa}); threads: onnxruntime {threads.get('onnxruntime_intra_op') or 'default'}, "
+            f"torch {threads.get('torch') or DASH}; onnxruntime {before.get('onnxruntime') or DASH}, torch {before.get('torch') or DASH}; "
+            f"{load}." + (f" The machine was busy ({busy}): these latency figures are unreliable; "
+                          "re-run `vlm-export bench` on a quiet machine." if busy else ""))
+    return " ".join(parts)
+
+
+def _load(state: dict[str, Any]) -> str:
+    load = state.get("loadavg") if isinstance(state, dict) else None
+    return f"{load[0]:.2f}" if load else "unknown"
+
+
 def latency_table(parity: dict[str, Any]) -> Table:
-    """Per variant and provider: batch-1 p50/p90/p99 and the speed-up over PyTorch eager."""
+    """Per variant and provider: batch-1 p50/p90/p99 and the speed-up over PyTorch eager
+    (or why it is unreliable)."""
     rows = []
     for rec in parity.get("records", []):
-        latency = rec.get("latency", {})
-        torch_p50 = latency.get("pytorch-eager-cpu", {}).get("p50_ms")
-        for provider, lat in latency.items():
-            if provider.startswith("pytorch"):
+        busy = latency_busy(parity, rec["component"])
+        for provider, lat in rec.get("latency", {}).items():
+            if provider.startswith("pytorch") or not isinstance(lat, dict):
                 continue
-            p50 = lat.get("p50_ms")
-            speedup = f"{torch_p50 / p50:.2f}×" if torch_p50 and p50 else DASH
-            rows.append(_cells(rec["component"], rec["variant"], provider, p50, lat.get("p90_ms"), lat.get("p99_ms"), lat.get("runs"), speedup))
+            text = speedup_text(rec, provider, busy)
+            speedup = Cell(text, Status.FAIL if busy and text != DASH else Status.PLAIN)
+            rows.append(_cells(rec["component"], rec["variant"], provider, lat.get("p50_ms"), lat.get("p90_ms"), lat.get("p99_ms"), lat.get("runs"), speedup))
     seen: set[str] = set()
     for rec in parity.get("records", []):
         lat = rec.get("latency", {}).get("pytorch-eager-cpu")
@@ -134,7 +186,7 @@ def latency_table(parity: dict[str, Any]) -> Table:
             times = (lat.get("p50_ms"), lat.get("p90_ms"), lat.get("p99_ms"), lat.get("runs"))
             rows.append(_cells(rec["component"], "PyTorch FP32", "pytorch-eager-cpu", *times, "1.00×"))
     header = ("component", "variant", "provider", "p50 ms", "p90 ms", "p99 ms", "runs", "× PyTorch")
-    return Table("Latency (batch 1)", header, tuple(rows), note="× PyTorch = PyTorch FP32 eager p50 / variant p50, same run.")
+    return Table("Latency (batch 1)", header, tuple(rows), note=_latency_note(parity))
 
 
 def size_table(manifest: Manifest) -> Table:
@@ -262,18 +314,37 @@ def bench_sets(bench: dict[str, Any] | None) -> list[tuple[str, list[dict[str, A
 def bench_tables(bench: dict[str, Any] | None) -> list[Table]:
     """bench.json (latency vs batch) as one table per provider; empty when not benchmarked.
 
-    The component column appears only when the results name components."""
+    The component column appears only when the results name components; the ratio column
+    (median per-round ratio to the baseline variant, interleaved rounds) only when recorded,
+    and says "unreliable" when the machine was busy."""
+    from vlm_export.verify.latency import busy_reason
+
+    entries = bench.get("providers", {}) if isinstance(bench, dict) and isinstance(bench.get("providers"), dict) else {}
     tables = []
     for provider, results in bench_sets(bench):
         named = any(r.get("component") for r in results)
+        ratios = any(isinstance(r.get("vs"), dict) for r in results)
+        entry = entries.get(provider) if isinstance(entries.get(provider), dict) else {}
+        busy = busy_reason(entry.get("conditions"))
         rows = [
             _cells(*([r.get("component", DASH)] if named else []), r.get("variant"), r.get("batch"), r.get("p50_ms"),
-                   r.get("p90_ms"), r.get("p99_ms"), r.get("throughput_per_s"))
+                   r.get("p90_ms"), r.get("p99_ms"), r.get("throughput_per_s"), *([_vs_text(r.get("vs"), busy)] if ratios else []))
             for r in results
         ]
-        header = (*(("component",) if named else ()), "variant", "batch", "p50 ms", "p90 ms", "p99 ms", "items/s")
-        tables.append(Table(f"Latency vs batch ({provider} provider)", header, tuple(rows)))
+        header = (*(("component",) if named else ()), "variant", "batch", "p50 ms", "p90 ms", "p99 ms", "items/s",
+                  *(("× baseline (IQR)",) if ratios else ()))
+        note = (f"The machine was busy ({busy}): these figures are unreliable." if busy else
+                "× baseline = median over interleaved rounds of baseline p50 / variant p50." if ratios else "")
+        tables.append(Table(f"Latency vs batch ({provider} provider)", header, tuple(rows), note))
     return tables
+
+
+def _vs_text(vs: Any, busy: str | None) -> Cell:
+    if not isinstance(vs, dict) or not vs.get("median"):
+        return Cell(DASH)
+    if busy:
+        return Cell(f"unreliable ({busy})", Status.FAIL)
+    return Cell(f"{vs['median']:.2f}× ({vs.get('q1', vs['median']):.2f}–{vs.get('q3', vs['median']):.2f}) vs {vs.get('baseline', '?')}")
 
 
 def all_tables(manifest: Manifest, parity: dict[str, Any], bench: dict[str, Any] | None = None) -> list[Table]:

@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 # The flags that matter for INT8 kernels, x86 and ARM (names as /proc/cpuinfo spells them).
-INT8_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "asimd", "asimddp", "i8mm", "sve")
+# Latency figures record them too (issue 18): AMX tiles/bf16 and 32-bit ARM's NEON join them.
+INT8_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16", "amx_tile",
+              "neon", "asimd", "asimddp", "i8mm", "sve")
 
 
 @functools.lru_cache(maxsize=1)
