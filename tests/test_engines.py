@@ -256,7 +256,7 @@ def test_unknown_symbol_and_bad_manifests(dino: dict) -> None:
 def test_ort_trt_provider_options_follow_the_plan(dino: dict, qwen_manifest: dict) -> None:
     fp16, int8 = plan(dino, get_target("jetson-orin-nx"), ["fp16", "int8"])
     assert ort_trt_provider_options(fp16, root="/b") == {
-        "trt_fp16_enable": True,
+        "trt_fp16_enable": False,  # strongly typed: the graph carries its precision (issue 15)
         "trt_int8_enable": False,
         "trt_engine_cache_enable": True,
         "trt_engine_cache_path": "/b/engines/jetson-orin-nx/ort-trt-cache",
@@ -268,10 +268,11 @@ def test_ort_trt_provider_options_follow_the_plan(dino: dict, qwen_manifest: dic
         "trt_profile_max_shapes": "pixel_values:8x3x56x56",
     }
     options = ort_trt_provider_options(int8, cache_dir="/tmp/c")
-    assert options["trt_int8_enable"] and not options["trt_fp16_enable"]
+    assert not options["trt_int8_enable"] and not options["trt_fp16_enable"]
     assert options["trt_engine_cache_path"] == "/tmp/c" and "trt_int8_calibration_table_name" not in options
     dla = ort_trt_provider_options(plan(dino, get_target("jetson-orin-nx"), ["fp16"], dla_core=1)[0])
     assert dla["trt_dla_enable"] is True and dla["trt_dla_core"] == 1
+    assert dla["trt_fp16_enable"] is True  # DLA runs only FP16/INT8: weakly typed
     assert dla["trt_profile_max_shapes"] == "pixel_values:1x3x56x56"
     qwen = ort_trt_provider_options(plan(qwen_manifest, get_target("desktop-ada"), ["fp16"])[0])
     assert qwen["trt_profile_opt_shapes"] == "pixel_values:2048x1176,rotary_cos:2048x16,rotary_sin:2048x16,segment_ids:2048"

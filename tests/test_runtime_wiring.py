@@ -30,7 +30,10 @@ def recorded_sessions(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
 
     def session(path: str, sess_options: Any = None, providers: Any = None, **kwargs: Any) -> Any:
         calls.append({"path": Path(path), "providers": providers})
-        return real(path, sess_options=sess_options, providers=["CPUExecutionProvider"])
+        opened = real(path, sess_options=sess_options, providers=["CPUExecutionProvider"])
+        asked = [p[0] if isinstance(p, tuple) else p for p in providers]
+        opened.get_providers = lambda: asked  # as a GPU machine would report: the first EP asked for took the graph
+        return opened
 
     monkeypatch.setattr(ort, "get_available_providers", lambda: list(GPU_PROVIDERS))
     monkeypatch.setattr(ort, "InferenceSession", session)
@@ -59,7 +62,9 @@ def test_tensorrt_ep_gets_the_plan_of_the_target(vit_bundle: Path, photo_dir: Pa
     assert options["trt_profile_min_shapes"] == f"pixel_values:{batch.min}x3x32x32"
     assert options["trt_profile_opt_shapes"] == f"pixel_values:{batch.opt}x3x32x32"
     assert options["trt_profile_max_shapes"] == f"pixel_values:{batch.max}x3x32x32"
-    assert (options["trt_fp16_enable"], options["trt_int8_enable"]) == (precision == "fp16", precision == "int8")
+    # Strongly typed graphs (FP16 with FP32 norms, QDQ INT8): the precision is the graph's; the
+    # fp16/int8 builder flags would make TensorRT treat the network as weakly typed (issue 15).
+    assert (options["trt_fp16_enable"], options["trt_int8_enable"]) == (False, False)
     assert options["trt_max_workspace_size"] == get_target(target).workspace_mib * 2**20
     assert "trt_int8_calibration_table_name" not in options  # INT8 comes from the graph's QDQ
     # The EP's engine cache lives outside the bundle (the bundle stays as built), per target.

@@ -89,7 +89,8 @@ def _bench_rows(bundle: Path, provider: str, batches: list[int], runs: int, vari
         keys = [k for k in comp.variants if variants is None or k in variants]
         if not keys:
             continue
-        models = {key: load(bundle, provider=provider, variant=key, components=[component], threads=threads) for key in keys}
+        models = {key: load(bundle, provider=provider, variant=key, components=[component], threads=threads, target=target)
+                  for key in keys}
         base = "fp32" if "fp32" in keys else keys[0]
         for batch in batches:
             feed = bench_feed([t.to_json() for t in comp.inputs], batch, sizes)
@@ -166,7 +167,7 @@ def bench(
     batch: str = typer.Option("1,8", help="Comma list of batch sizes."),
     runs: int = typer.Option(20, help="Timed runs per variant and batch size, split into interleaved rounds of at most 5 (after 3 warm-up runs)."),
     variants: Optional[str] = typer.Option(None, help="Comma list of variant keys. Defaults to every variant of the bundle."),
-    target: Optional[str] = typer.Option(None, help="Size patch/sequence dims at this target's engine-profile opt values. Defaults to the opt sizes the model declared."),
+    target: Optional[str] = typer.Option(None, help="Size patch/sequence dims at this target's engine-profile opt values, and give the TensorRT EP this target's recorded plan. Defaults to the opt sizes the model declared."),
     threads: Optional[int] = typer.Option(None, help="Intra-op threads for onnxruntime (1..4 per CPU core). Defaults to onnxruntime's choice."),
     output: Optional[Path] = typer.Option(None, "--output", help="Write the results to this JSON file instead of OUT/bench.json (the bundle stays untouched, e.g. when read-only)."),
 ) -> None:

@@ -74,8 +74,53 @@ def create_session(
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
-    providers: list[Any] = ort_providers(Provider.parse(provider))
+    wanted = ort_providers(Provider.parse(provider))
+    providers: list[Any] = list(wanted)
     if trt_options:
+        _make_cache_dirs(trt_options)
         providers = [(p, trt_options) if p == "TensorrtExecutionProvider" else p for p in providers]
     source = onnx_path if isinstance(onnx_path, bytes) else str(onnx_path)
-    return ort.InferenceSession(source, sess_options=options, providers=providers)
+    session = ort.InferenceSession(source, sess_options=options, providers=providers)
+    _check_first_provider(session, wanted[0])
+    return session
+
+
+# Why onnxruntime drops an EP it was asked for: it logs the load error and carries on
+# with the next provider in the list, so the session runs, slower, under another name.
+_FALLBACK_REASONS = {
+    "TensorrtExecutionProvider": "TensorRT's libraries (libnvinfer, libnvonnxparser) are missing or not the TensorRT "
+                                 "version this onnxruntime-gpu was built for, or CUDA/cuDNN are missing",
+    "CUDAExecutionProvider": "the CUDA or cuDNN libraries are missing, or not the versions this onnxruntime-gpu was built for, "
+                             "or no GPU is visible",
+}
+
+
+def _check_first_provider(session: Any, wanted: str) -> None:
+    """Refuse a session whose first provider is not the one asked for: its numbers would be
+    CUDA's or the CPU's under TensorRT's (or CUDA's) name."""
+    got = list(session.get_providers())
+    if got and got[0] == wanted:
+        return
+    fell_back = got[0] if got else "no provider"
+    reason = _FALLBACK_REASONS.get(wanted, "its libraries are missing or the wrong version")
+    raise BackendUnavailableError(
+        f"onnxruntime could not start {wanted} and fell back to {fell_back} (session providers: {', '.join(got) or 'none'}); "
+        f"likely cause: {reason}; see runtimes/README.md, or ask for that provider explicitly"
+    )
+
+
+def _make_cache_dirs(trt_options: dict[str, Any]) -> None:
+    """Create the EP's engine and timing cache folders (with parents) before the session:
+    a fresh device (or a new $VLM_EXPORT_CACHE) has none yet. They live outside the bundle (ep_cache_dir)."""
+    from vlm_export.runtime.tensorrt import TRT_EP_CACHE_KEYS
+
+    for key in TRT_EP_CACHE_KEYS:
+        if trt_options.get(key):
+            folder = Path(trt_options[key])
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise BackendUnavailableError(
+                    f"cannot create the TensorRT EP cache folder {folder} ({key}): {exc.strerror or exc}; "
+                    "set $VLM_EXPORT_CACHE to a writable folder"
+                ) from None

@@ -121,16 +121,49 @@ def ep_cache_dir(config_sha256: str, target: str) -> Path:
     return cache_root() / "ort-trt" / config_sha256[:16] / target
 
 
-def ep_provider_options(precision: str, recorded: EpPlan, engine_cache: Path, timing_cache: Path) -> dict[str, Any]:
+# onnxruntime's TensorRT EP option names, as `tensorrt::provider_option_names` in
+# onnxruntime/core/providers/tensorrt/tensorrt_execution_provider_info.cc (main, ORT >= 1.17:
+# kFp16Enable = "trt_fp16_enable", kInt8Enable = "trt_int8_enable", kEngineCachePath =
+# "trt_engine_cache_path", kTimingCachePath = "trt_timing_cache_path", kProfilesMinShapes =
+# "trt_profile_min_shapes", ...) and https://onnxruntime.ai/docs/execution-providers/TensorRT-ExecutionProvider.html
+# ("Configurations"). Every key `ep_provider_options` emits must be one of these.
+TRT_EP_OPTION_KEYS: frozenset[str] = frozenset({
+    "device_id", "has_user_compute_stream", "user_compute_stream", "trt_max_partition_iterations", "trt_min_subgraph_size",
+    "trt_max_workspace_size", "trt_fp16_enable", "trt_int8_enable", "trt_int8_calibration_table_name",
+    "trt_int8_use_native_calibration_table", "trt_dla_enable", "trt_dla_core", "trt_dump_subgraphs",
+    "trt_engine_cache_enable", "trt_engine_cache_path", "trt_engine_cache_prefix", "trt_engine_decryption_enable",
+    "trt_engine_decryption_lib_path", "trt_force_sequential_engine_build", "trt_context_memory_sharing_enable",
+    "trt_layer_norm_fp32_fallback", "trt_timing_cache_enable", "trt_timing_cache_path", "trt_force_timing_cache",
+    "trt_detailed_build_log", "trt_build_heuristics_enable", "trt_sparsity_enable", "trt_builder_optimization_level",
+    "trt_auxiliary_streams", "trt_tactic_sources", "trt_extra_plugin_lib_paths", "trt_profile_min_shapes",
+    "trt_profile_max_shapes", "trt_profile_opt_shapes", "trt_cuda_graph_enable",
+})
+
+# Keys whose value is a folder the EP writes into: created (with parents) before the session.
+TRT_EP_CACHE_KEYS = ("trt_engine_cache_path", "trt_timing_cache_path")
+
+
+def ep_provider_options(precision: str, recorded: EpPlan, engine_cache: Path, timing_cache: Path,
+                        strongly_typed: bool = True) -> dict[str, Any]:
     """onnxruntime TensorrtExecutionProvider options for one recorded plan.
 
     The EP builds its own engine from the ONNX file (its cache is not our .plan), so the
-    options restate the plan: fp16/int8 per variant precision (INT8 from the graph's
-    QDQ, no calibration table), the profile shapes, the workspace and the DLA core.
+    options restate the plan: the profile shapes, the workspace, the DLA core and, only
+    where the network is weakly typed, the fp16/int8 precision flags.
+
+    `strongly_typed=True` is for graphs whose precision is in the graph itself (this
+    project's FP16 variant with its FP32 norms, the QDQ INT8 variant): `trt_fp16_enable`
+    / `trt_int8_enable` stay off, since with them on TensorRT treats the network as weakly
+    typed and may run the FP32 norms in FP16 or pick precisions the QDQ graph did not ask
+    for; explicit QDQ needs no calibration table either. A DLA plan is weakly typed
+    whatever the graph (DLA runs only FP16/INT8), so its flags stay on.
+    Every TensorRT variant this project builds is strongly typed (the default);
+    `strongly_typed=False` renders the older weakly typed flags.
     """
+    weak = not strongly_typed or recorded.dla_core is not None
     options: dict[str, Any] = {
-        "trt_fp16_enable": precision == "fp16",
-        "trt_int8_enable": precision == "int8",
+        "trt_fp16_enable": weak and precision == "fp16",
+        "trt_int8_enable": weak and precision == "int8",
         "trt_engine_cache_enable": True,
         "trt_engine_cache_path": str(engine_cache),
         "trt_timing_cache_enable": True,
@@ -158,4 +191,6 @@ def recorded_ep_options(entry: VariantEntry, target: str, config_sha256: str, wh
         known = ", ".join(entry.tensorrt_ep) or "none (a bundle built before TensorRT EP plans were recorded; rebuild it)"
         raise InputError(f"{where} has no TensorRT EP plan for target '{target}' (--target); recorded: {known}")
     cache = ep_cache_dir(config_sha256, target)
-    return ep_provider_options(entry.precision, entry.tensorrt_ep[target], engine_cache=cache, timing_cache=cache)
+    # Every variant the build makes for TensorRT is strongly typed (FP16 with FP32 norms, QDQ INT8).
+    return ep_provider_options(entry.precision, entry.tensorrt_ep[target], engine_cache=cache, timing_cache=cache,
+                               strongly_typed=True)
