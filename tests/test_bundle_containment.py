@@ -120,7 +120,7 @@ def test_bench_on_a_read_only_bundle_prints_and_exits_0(bundle_copy: Path, monke
     def refuse(*args: Any, **kwargs: Any) -> Any:
         raise OSError(errno.EROFS, "Read-only file system")
 
-    monkeypatch.setattr(bundle_files.tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(bundle_files, "temp_file", refuse)  # where the bundle writer makes its temp file
     before = sorted(p.name for p in bundle_copy.iterdir())
     result = _bench(bundle_copy)
     assert result.exit_code == 0, result.output

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -38,17 +39,29 @@ def _build(model: Path, out: Path, photos: Path) -> tuple[int, str]:
     return result.exit_code, result.stderr
 
 
-def _refused(model: Path, tmp_path: Path, photos: Path, *needles: str) -> str:
-    """Build `model`; assert exit 2, one `error:` line holding every needle, no OUT left."""
+@dataclass(frozen=True)
+class Refusal:
+    """What a refused build left: exit code, stderr, its `error:` lines, OUT* leftovers."""
+
+    code: int
+    stderr: str
+    errors: list[str]
+    left: list[Path]
+
+    @property
+    def clean_one_line(self) -> bool:
+        """Exit 2, one `error:` line, no traceback, no OUT or OUT.partial-* left behind."""
+        return self.code == 2 and len(self.errors) == 1 and "Traceback" not in self.stderr and not self.left
+
+    def names(self, *needles: str) -> bool:
+        return len(self.errors) == 1 and all(n in self.errors[0] for n in needles)
+
+
+def _refusal(model: Path, tmp_path: Path, photos: Path) -> Refusal:
+    """Build `model` into tmp_path/out and report how it ended (asserts nothing itself)."""
     code, stderr = _build(model, tmp_path / "out", photos)
-    assert code == 2, stderr
-    assert "Traceback" not in stderr, stderr
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, stderr
-    for needle in needles:
-        assert needle in errors[0], errors[0]
-    assert not list(tmp_path.glob("out*")), "an OUT or OUT.partial-* folder was left behind"
-    return errors[0]
+    return Refusal(code, stderr, errors, list(tmp_path.glob("out*")))
 
 
 def _copy(src: Path, tmp_path: Path) -> Path:
@@ -76,8 +89,10 @@ def _edit_weights(model: Path, edit: Callable[[dict], dict]) -> None:
 def test_config_with_more_layers_than_the_weights(tiny_vit_dir: Path, photo_dir: Path, tmp_path: Path) -> None:
     model = _copy(tiny_vit_dir, tmp_path)
     _edit_json(model / "config.json", lambda c: c.update(num_hidden_layers=3))  # the weights hold 2
-    line = _refused(model, tmp_path, photo_dir, str(model / "model.safetensors"), "lacks 16 weights", "layer.2.")
-    assert "layer.0." not in line and "layer.1." not in line, line
+    refusal = _refusal(model, tmp_path, photo_dir)
+    assert refusal.clean_one_line, refusal.stderr
+    assert refusal.names(str(model / "model.safetensors"), "lacks 16 weights", "layer.2."), refusal.errors
+    assert "layer.0." not in refusal.errors[0] and "layer.1." not in refusal.errors[0], refusal.errors
 
 
 def test_weights_of_an_unrelated_tensor_only(tiny_vit_dir: Path, photo_dir: Path, tmp_path: Path) -> None:
@@ -85,7 +100,9 @@ def test_weights_of_an_unrelated_tensor_only(tiny_vit_dir: Path, photo_dir: Path
 
     model = _copy(tiny_vit_dir, tmp_path)
     _edit_weights(model, lambda _: {"foo.bar": torch.zeros(3)})
-    _refused(model, tmp_path, photo_dir, "model.safetensors", "lacks 40 weights", "classifier.bias", "foo.bar")
+    refusal = _refusal(model, tmp_path, photo_dir)
+    assert refusal.clean_one_line, refusal.stderr
+    assert refusal.names("model.safetensors", "lacks 40 weights", "classifier.bias", "foo.bar"), refusal.errors
 
 
 def test_weight_of_the_wrong_shape_names_tensor_and_shapes(tiny_vit_dir: Path, photo_dir: Path, tmp_path: Path) -> None:
@@ -99,7 +116,9 @@ def test_weight_of_the_wrong_shape_names_tensor_and_shapes(tiny_vit_dir: Path, p
         return {**weights, key: torch.zeros(16, 32)}
 
     _edit_weights(model, shrink)
-    _refused(model, tmp_path, photo_dir, "model.safetensors", key, "[16, 32] in the file", "[32, 32] in the model")
+    refusal = _refusal(model, tmp_path, photo_dir)
+    assert refusal.clean_one_line, refusal.stderr
+    assert refusal.names("model.safetensors", key, "[16, 32] in the file", "[32, 32] in the model"), refusal.errors
 
 
 def test_unexpected_extra_key(tiny_vit_dir: Path, photo_dir: Path, tmp_path: Path) -> None:
@@ -107,16 +126,27 @@ def test_unexpected_extra_key(tiny_vit_dir: Path, photo_dir: Path, tmp_path: Pat
 
     model = _copy(tiny_vit_dir, tmp_path)
     _edit_weights(model, lambda weights: {**weights, "vit.extra_head.weight": torch.zeros(2, 2)})
-    _refused(model, tmp_path, photo_dir, "model.safetensors", "holds 1 weight", "vit.extra_head.weight")
+    refusal = _refusal(model, tmp_path, photo_dir)
+    assert refusal.clean_one_line, refusal.stderr
+    assert refusal.names("model.safetensors", "holds 1 weight", "vit.extra_head.weight"), refusal.errors
 
 
 def test_a_key_the_family_declares_optional_may_be_absent(tiny_dinov2_dir: Path, tmp_path: Path) -> None:
     """DINOv2's mask_token is used only for masked-image pretraining, never by the export."""
     from vlm_export.families import detect
 
+    import torch
+    from safetensors.torch import load_file
+
     model = _copy(tiny_dinov2_dir, tmp_path)
     _edit_weights(model, lambda weights: {k: v for k, v in weights.items() if k != "embeddings.mask_token"})
-    detect(model).load(model)
+    loaded = detect(model).load(model)
+    weights = load_file(str(model / "model.safetensors"))
+    assert "embeddings.mask_token" not in weights and loaded.config["model_type"] == "dinov2"
+    state = loaded.model.state_dict()
+    shared = [k for k in weights if k in state]  # (transformers renames the attention weights on load)
+    assert {"embeddings.cls_token", "embeddings.position_embeddings", "layernorm.weight"} <= set(shared)
+    assert all(torch.equal(state[k], weights[k]) for k in shared)  # the stored weights, not a random init
 
 
 def test_check_loading_info_reports_every_kind_in_one_line(tmp_path: Path) -> None:
@@ -146,13 +176,17 @@ def test_check_loading_info_reports_every_kind_in_one_line(tmp_path: Path) -> No
 def test_preprocessor_size_other_than_the_models(tiny_vit_dir: Path, photo_dir: Path, tmp_path: Path, side: int) -> None:
     model = _copy(tiny_vit_dir, tmp_path)
     _edit_json(model / "preprocessor_config.json", lambda c: c.update(size={"height": side, "width": side}))
-    _refused(model, tmp_path, photo_dir, str(model / "preprocessor_config.json"), f"{side}x{side}", "32x32")
+    refusal = _refusal(model, tmp_path, photo_dir)
+    assert refusal.clean_one_line, refusal.stderr
+    assert refusal.names(str(model / "preprocessor_config.json"), f"{side}x{side}", "32x32"), refusal.errors
 
 
 def test_dinov2_crop_beyond_what_it_interpolates_to(tiny_dinov2_dir: Path, photo_dir: Path, tmp_path: Path) -> None:
     model = _copy(tiny_dinov2_dir, tmp_path)
     _edit_json(model / "preprocessor_config.json", lambda c: c.update(crop_size={"height": 50000, "width": 50000}))
-    _refused(model, tmp_path, photo_dir, "preprocessor_config.json", "50000x50000", "112x112")
+    refusal = _refusal(model, tmp_path, photo_dir)
+    assert refusal.clean_one_line, refusal.stderr
+    assert refusal.names("preprocessor_config.json", "50000x50000", "112x112"), refusal.errors
 
 
 def test_qwen2_vl_parity_image_beyond_200_to_1(qwen_dir: Path, photo_dir: Path, tmp_path: Path) -> None:
@@ -161,7 +195,9 @@ def test_qwen2_vl_parity_image_beyond_200_to_1(qwen_dir: Path, photo_dir: Path, 
     photos = tmp_path / "photos"
     shutil.copytree(photo_dir, photos)
     Image.new("RGB", DEGENERATE, (120, 80, 40)).save(photos / "strip.png")
-    _refused(qwen_dir, tmp_path, photos, "--parity-images", "5000x1", "200:1", "crop it", "strip.png")
+    refusal = _refusal(qwen_dir, tmp_path, photos)
+    assert refusal.clean_one_line, refusal.stderr
+    assert refusal.names("--parity-images", "5000x1", "200:1", "crop it", "strip.png"), refusal.errors
 
 
 # ---------------------------------------------------------------- every family's real fixture

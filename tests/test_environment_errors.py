@@ -33,7 +33,9 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 def test_o_root_is_one_line(force: list[str], tiny_vit_dir: Path, photo_dir: Path) -> None:
     from conftest import _build
 
-    one_error(_build(tiny_vit_dir, Path("/"), photo_dir, *force), "-o", "/")
+    result = _build(tiny_vit_dir, Path("/"), photo_dir, *force)
+    assert result.exit_code == 2, result.output
+    assert result.stderr == "error: -o '/' is the filesystem root; name a bundle folder to create\n"
 
 
 def _read_only(monkeypatch: pytest.MonkeyPatch, folder: Path, code: int) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from vlm_export.errors import InputError
 from vlm_export.bundle.staging import sibling
+from vlm_export.cleanup import remove_file
 
 LOCK_SUFFIX = ".vlm-export.lock"
 _RETRIES = 5
@@ -64,7 +65,7 @@ class OutputLock:
         if self.fd is None:
             return
         try:
-            os.unlink(self.path)
+            remove_file(self.path, lambda p: p.name.endswith(LOCK_SUFFIX))
         except OSError:
             pass
         os.close(self.fd)

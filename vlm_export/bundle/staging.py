@@ -17,11 +17,12 @@ import json
 import os
 import re
 import secrets
-import shutil
 import socket
 import time
 from pathlib import Path
 from typing import Any
+
+from vlm_export.cleanup import remove_empty_dir, remove_tree
 
 PARTIAL_MARK = ".partial-"
 MARKER_NAME = ".vlm-export-partial.json"
@@ -59,7 +60,7 @@ def _hash_tag(out: Path) -> str:
     return "~" + hashlib.sha256(os.fsencode(out.name)).hexdigest()[:12]
 
 
-def _named_for(out: Path, name: str) -> bool:
+def named_for(out: Path, name: str) -> bool:
     """Whether `name` is a staging name `sibling()` makes for OUT (full or shortened)."""
     return name.startswith(f"{out.name}{PARTIAL_MARK}") or f"{_hash_tag(out)}{PARTIAL_MARK}" in name
 
@@ -136,15 +137,16 @@ def remove_stale_partials(out: Path) -> list[Path]:
             continue
         marker = read_marker(candidate)
         if marker is None:
-            if _BARE_STAGING.fullmatch(candidate.name) and _named_for(out, candidate.name):
-                try:
-                    candidate.rmdir()  # only succeeds when empty
-                    removed.append(candidate)
-                except OSError:
-                    pass
+            if remove_empty_dir(candidate, lambda p: bool(_BARE_STAGING.fullmatch(p.name)) and named_for(out, p.name)):
+                removed.append(candidate)
             continue
         if marker.get("out") != str(out) or owner_running(marker):
             continue
-        shutil.rmtree(candidate, ignore_errors=True)
-        removed.append(candidate)
+        if remove_tree(candidate, is_staging):
+            removed.append(candidate)
     return removed
+
+
+def is_staging(folder: Path) -> bool:
+    """The proof that `folder` is a staging folder this tool made: its marker."""
+    return read_marker(folder) is not None

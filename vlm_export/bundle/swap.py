@@ -20,13 +20,13 @@ import ctypes
 import errno
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any, Callable
 
 from vlm_export.errors import InputError
 from vlm_export.bundle.output_guard import is_bundle
-from vlm_export.bundle.staging import PARTIAL_MARK, sibling
+from vlm_export.bundle.staging import PARTIAL_MARK, is_staging, named_for, sibling
+from vlm_export.cleanup import remove_file, remove_tree
 
 AT_FDCWD = -100
 RENAME_NOREPLACE = 1
@@ -79,6 +79,18 @@ def _ours(out: Path, value: Any) -> Path | None:
     return path if path.parent == out.parent and PARTIAL_MARK in path.name else None
 
 
+def _is_journal(path: Path) -> bool:
+    return path.name.endswith((JOURNAL_SUFFIX, JOURNAL_SUFFIX + ".tmp"))
+
+
+def _set_aside(out: Path, path: Path) -> bool:
+    """The proof for removing a folder during a swap: a sibling named for OUT by `sibling()`
+    (`OUT.partial-…`, never OUT itself) that is a bundle (the previous one, or a staging
+    folder whose manifest is written) or still carries this tool's staging marker."""
+    return (path.parent == out.parent and path != out and named_for(out, path.name)
+            and (is_bundle(path) or is_staging(path)))
+
+
 def recover(out: Path) -> bool:
     """Finish or undo an interrupted commit into OUT; the caller holds OUT's lock.
 
@@ -86,7 +98,7 @@ def recover(out: Path) -> bool:
     first; leftovers are removed only when OUT is a complete bundle or there never was one.
     """
     path = journal_path(out)
-    journal_path(out, tmp=True).unlink(missing_ok=True)
+    remove_file(journal_path(out, tmp=True), _is_journal)
     if not path.is_file():
         return False
     try:
@@ -103,9 +115,9 @@ def recover(out: Path) -> bool:
         kept = ", ".join(str(p) for p in (old, staging) if p is not None and os.path.lexists(p))
         raise InputError(f"'{out}' is not a complete bundle after an interrupted build; kept for you: {kept or 'nothing'}")
     for leftover in (staging, old):
-        if leftover is not None and leftover.is_dir() and not leftover.is_symlink():
-            shutil.rmtree(leftover, ignore_errors=True)
-    path.unlink()
+        if leftover is not None:
+            remove_tree(leftover, lambda p: _set_aside(out, p))
+    remove_file(path, _is_journal)
     return True
 
 
@@ -121,11 +133,11 @@ def move_into_place(staging: Path, out: Path, before_swap: Callable[[], None] = 
         if not renameat2(staging, out, RENAME_NOREPLACE):
             os.rename(staging, out)
     elif renameat2(staging, out, RENAME_EXCHANGE):
-        shutil.rmtree(staging, ignore_errors=True)  # it holds the previous bundle now
+        remove_tree(staging, lambda p: _set_aside(out, p))  # it holds the previous bundle now
     else:
         rename_two_steps(out, old, staging)
-        shutil.rmtree(old, ignore_errors=True)
-    journal_path(out).unlink()
+        remove_tree(old, lambda p: _set_aside(out, p))
+    remove_file(journal_path(out), _is_journal)
 
 
 def rename_two_steps(out: Path, old: Path, staging: Path) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -22,7 +21,8 @@ from vlm_export.os_errors import environment_error
 from vlm_export.bundle.output_guard import check_out_path, check_replaceable
 from vlm_export.bundle.paths import sha256_file
 from vlm_export.bundle.schema import MANIFEST_NAME, Manifest
-from vlm_export.bundle.staging import MARKER_NAME, PARTIAL_MARK, create_staging, remove_stale_partials
+from vlm_export.bundle.staging import MARKER_NAME, PARTIAL_MARK, create_staging, is_staging, remove_stale_partials
+from vlm_export.cleanup import remove_file, remove_tree
 from vlm_export.bundle.swap import journal_path, move_into_place, recover
 
 __all__ = ["BundleWriter", "PARTIAL_MARK", "remove_stale_partials"]
@@ -82,8 +82,8 @@ class BundleWriter:
         try:
             if self._lock.fd is not None and journal_path(self.out).exists():
                 recover(self.out)
-            if self._staging is not None and self._staging.exists():
-                shutil.rmtree(self._staging, ignore_errors=True)
+            if self._staging is not None:
+                remove_tree(self._staging, is_staging)
             self._staging = None
         finally:
             self._lock.release()
@@ -122,6 +122,7 @@ class BundleWriter:
         """
         self.path(MANIFEST_NAME).write_text(manifest.dumps(), encoding="utf-8")
         self._check_target()
-        move_into_place(self.staging, self.out, before_swap=(self.staging / MARKER_NAME).unlink)
+        staging = self.staging
+        move_into_place(staging, self.out, before_swap=lambda: remove_file(staging / MARKER_NAME, lambda p: p.name == MARKER_NAME))
         self._staging = None
         return self.out

@@ -23,12 +23,12 @@ import enum
 import importlib.util
 import os
 import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from vlm_export.cache import CACHE_ENV, cache_root  # noqa: F401 - CACHE_ENV re-exported for callers
+from vlm_export.cleanup import is_temp, remove_tree, temp_dir
 from vlm_export.errors import InputError
 
 SOURCES_FILE = "SOURCES.md"
@@ -172,26 +172,37 @@ def materialize(dest: Path, role: Role | str) -> Path:
     """
     role, dest = _role(role), Path(dest)
     entries = available(role)
-    if dest.exists() and not (dest / SOURCES_FILE).is_file() and (not dest.is_dir() or any(dest.iterdir())):
+    ours = _is_materialized(dest, role, entries)
+    if dest.exists() and not ours and (not dest.is_dir() or any(dest.iterdir())):
         raise InputError(f"{dest} exists and is not a materialized image set; remove it or pick another folder")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{dest.name}.partial-", dir=dest.parent))
+    tmp = temp_dir(dest.parent, dest.name)
     try:
         for image, path in entries:
             shutil.copyfile(path, tmp / image.file_name)
         (tmp / SOURCES_FILE).write_text(_sources_md(role, entries), encoding="utf-8")
         tmp.chmod(0o755)
-        if dest.exists():
-            old = Path(tempfile.mkdtemp(prefix=f"{dest.name}.old-", dir=dest.parent))
+        if ours:
+            old = temp_dir(dest.parent, dest.name)
             os.replace(dest, old / dest.name)
             os.replace(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
+            remove_tree(old, is_temp)
         else:
-            os.replace(tmp, dest)
+            os.replace(tmp, dest)  # the OS refuses a non-empty folder (checked empty above)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_tree(tmp, is_temp)
         raise
     return dest
+
+
+def _is_materialized(dest: Path, role: Role, entries: list[tuple[SampleImage, Path]]) -> bool:
+    """The proof that `dest` is a set this tool wrote: its SOURCES.md is exactly the one
+    `materialize` writes for `role` (a user folder that merely has a SOURCES.md is not)."""
+    notes = dest / SOURCES_FILE
+    try:
+        return not notes.is_symlink() and notes.is_file() and notes.read_text(encoding="utf-8") == _sources_md(role, entries)
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def _is_current(dest: Path, role: Role) -> bool:

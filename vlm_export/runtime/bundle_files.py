@@ -14,9 +14,10 @@ import errno
 import json
 import os
 import stat
-import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
+
+from vlm_export.cleanup import is_temp, remove_file, temp_file
 
 from vlm_export.errors import BundleError
 
@@ -111,33 +112,32 @@ def write_bundle_file(root: Path, relative: str, data: bytes) -> Path:
         raise BundleError(f"'{target}' is a folder; remove it so the tool can write its file there")
     tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{rel.name}.", suffix=".tmp")
+        fd, tmp = temp_file(folder, rel.name)
         os.fchmod(fd, 0o644)  # mkstemp makes 0600; bundle files are meant to be shared
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
         os.replace(tmp, target)
     except OSError as exc:
         if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
+            remove_file(tmp, is_temp)
         raise _write_error(target, exc) from None
     return target
 
 
-def remove_bundle_files(root: Path, relative_folder: str, suffix: str) -> list[Path]:
-    """Delete the entries named `*{suffix}` directly inside `root/relative_folder`.
-
-    The folder must not be a symlink; an entry that is a symlink loses only the link.
-    """
+def remove_bundle_files(root: Path, relative_folder: str, names: Iterable[str]) -> list[Path]:
+    """Delete the files the tool writes under these `names` directly inside
+    `root/relative_folder` (e.g. the report's plots); any other file there is the user's
+    and stays. The folder must not be a symlink; an entry that is a symlink loses only
+    the link."""
     folder = bundle_folder(root, relative_folder)
+    ours = frozenset(names)
     removed = []
-    with os.scandir(folder) as entries:
-        for entry in entries:
-            if entry.name.endswith(suffix) and (entry.is_symlink() or entry.is_file(follow_symlinks=False)):
-                try:
-                    os.unlink(entry.path)
-                except OSError as exc:
-                    raise _write_error(Path(entry.path), exc) from None
-                removed.append(Path(entry.path))
+    for name in sorted(ours):
+        try:
+            if remove_file(folder / name, lambda p: p.name in ours):
+                removed.append(folder / name)
+        except OSError as exc:
+            raise _write_error(folder / name, exc) from None
     return removed
 
 

@@ -1,0 +1,225 @@
+"""vlm-export deletes only what it created: one test per class of deletion.
+
+Every deletion in the package goes through `vlm_export.cleanup` with a proof of
+ownership supplied by the code that created the path. The classes:
+
+1. temporary files/folders (name tag `TEMP_TAG`, or inside such a folder);
+2. staging folders of a build (their marker);
+3. folders set aside during a `--force` swap (a `.partial-` sibling of OUT that is a
+   bundle or a marked staging folder), and the swap's journal;
+4. OUT's lock file (its suffix);
+5. the report's plots (the file names the report writes);
+6. caches the tool fills (the converted default model: its marker; the default image
+   sets: their exact SOURCES.md).
+Besides these, only `tempfile.TemporaryDirectory` scratch folders in the system temp
+folder are removed (the stdlib removes exactly the fresh folder it made).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+import vlm_export
+from vlm_export.cleanup import TEMP_TAG, is_temp, remove_empty_dir, remove_file, remove_tree, temp_dir, temp_file
+from vlm_export.errors import InputError
+
+PACKAGE = Path(vlm_export.__file__).parent
+DELETING_CALLS = {("shutil", "rmtree"), ("os", "unlink"), ("os", "remove"), ("os", "rmdir"), ("os", "removedirs")}
+DELETING_METHODS = {"unlink", "rmdir"}
+
+
+def _deleting_calls(source: str) -> list[int]:
+    """Line numbers of calls that delete: shutil.rmtree / os.unlink / ... and `.unlink()` / `.rmdir()`."""
+    lines = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            owner = node.func.value.id if isinstance(node.func.value, ast.Name) else None
+            if (owner, node.func.attr) in DELETING_CALLS or node.func.attr in DELETING_METHODS:
+                lines.append(node.lineno)
+    return lines
+
+
+def test_only_the_cleanup_module_deletes() -> None:
+    found = {str(p.relative_to(PACKAGE)): lines for p in PACKAGE.rglob("*.py")
+             if (lines := _deleting_calls(p.read_text(encoding="utf-8")))}
+    assert set(found) == {"cleanup.py"}, found
+    assert len(found["cleanup.py"]) == 3  # rmtree, unlink, rmdir: each behind its proof
+
+
+def test_the_scan_sees_deletions() -> None:
+    """The control: every spelling the scan must catch."""
+    code = "import os, shutil\nshutil.rmtree(a)\nos.unlink(b)\nos.remove(c)\nPath(d).unlink()\nx.rmdir()\n"
+    assert _deleting_calls(code) == [2, 3, 4, 5, 6]
+
+
+# -- the primitives: no proof, no deletion ----------------------------------------------
+
+
+def test_primitives_delete_nothing_without_proof(tmp_path: Path) -> None:
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "photo.jpg").write_bytes(b"mine")
+    link = tmp_path / "link"
+    link.symlink_to(user)
+    assert not remove_tree(user, lambda p: False) and (user / "photo.jpg").read_bytes() == b"mine"
+    assert not remove_tree(link, lambda p: True) and link.is_symlink() and user.is_dir()  # a link is never followed
+    assert not remove_file(user / "photo.jpg", lambda p: False) and (user / "photo.jpg").exists()
+    assert not remove_file(user, lambda p: True) and user.is_dir()  # a folder is not a file
+    assert not remove_empty_dir(user, lambda p: True) and user.is_dir()  # not empty: the OS refuses
+    assert remove_tree(user, lambda p: True) and not user.exists()
+
+
+# -- 1. temporary files and folders ------------------------------------------------------
+
+
+def test_temp_proof_is_the_tag_the_tool_gave(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fd, made = temp_file(tmp_path, "report.md")
+    os.close(fd)
+    folder = temp_dir(tmp_path, "model")
+    assert TEMP_TAG in made.name and is_temp(made) and is_temp(folder) and is_temp(folder / ".stage")
+    monkeypatch.chdir(tmp_path)
+    for foreign in (tmp_path, Path.cwd(), tmp_path / "report.md.tmp", tmp_path / ".report.md.x.tmp"):
+        assert not is_temp(foreign), foreign
+    assert remove_file(made, is_temp) and remove_tree(folder, is_temp) and list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_bundle_write_removes_only_its_temp_file(vit_bundle: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from vlm_export.runtime import bundle_files
+    from vlm_export.runtime.bundle_files import BundleWriteError, write_bundle_file
+
+    bundle = tmp_path / "b"
+    shutil.copytree(vit_bundle, bundle)
+    before = sorted(p.name for p in bundle.iterdir())
+
+    def refuse(src: str, dst: str) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(bundle_files.os, "replace", refuse)
+    with pytest.raises(BundleWriteError, match="disk full"):
+        write_bundle_file(bundle, "report.md", b"new")
+    assert sorted(p.name for p in bundle.iterdir()) == before  # the temp file went, nothing else
+
+
+# -- 2. staging folders ------------------------------------------------------------------
+
+
+def test_sweep_deletes_marked_staging_only(tmp_path: Path) -> None:
+    from vlm_export.bundle.staging import MARKER_NAME, create_staging, is_staging, remove_stale_partials
+
+    out = tmp_path / "out"
+    dead = create_staging(out)
+    marker = json.loads((dead / MARKER_NAME).read_text())
+    (dead / MARKER_NAME).write_text(json.dumps({**marker, "pid": 2**22 + 12345}))  # a pid no process has
+    user = tmp_path / "out.partial-backup-2024"
+    user.mkdir()
+    (user / "keep.txt").write_text("mine")
+    forged = tmp_path / "out.partial-1-deadbeef"
+    forged.mkdir()
+    (forged / MARKER_NAME).write_text('{"tool": "someone-else", "pid": 1}')
+    (forged / "keep.txt").write_text("mine")
+    assert is_staging(dead) and not is_staging(user) and not is_staging(forged)
+    assert remove_stale_partials(out) == [dead]
+    assert (user / "keep.txt").exists() and (forged / "keep.txt").exists()
+
+
+# -- 3. the --force swap: set-aside folders and the journal --------------------------------
+
+
+def test_recovery_never_deletes_a_folder_the_journal_merely_names(vit_bundle: Path, tmp_path: Path) -> None:
+    from vlm_export.bundle.swap import journal_path, recover
+
+    out = tmp_path / "out"
+    shutil.copytree(vit_bundle, out)
+    named = {"staging": tmp_path / "out.partial-7-aaaaaaaa", "old": tmp_path / "photos.partial-mine"}
+    elsewhere = tmp_path / "elsewhere"
+    for folder in (*named.values(), elsewhere):
+        folder.mkdir()
+        (folder / "keep.jpg").write_bytes(b"mine")
+    journal_path(out).write_text(json.dumps({"out": str(out), "staging": str(named["staging"]), "old": str(elsewhere)}))
+    assert recover(out) is True
+    assert all((f / "keep.jpg").exists() for f in (*named.values(), elsewhere))  # not bundles, not marked: kept
+    assert (out / "manifest.json").is_file() and not journal_path(out).exists()
+
+
+def test_swap_removes_the_previous_bundle_it_set_aside(vit_bundle: Path, tmp_path: Path) -> None:
+    from vlm_export.bundle.swap import _set_aside
+
+    out = tmp_path / "out"
+    shutil.copytree(vit_bundle, out)
+    aside = tmp_path / "out.partial-9-old"
+    shutil.copytree(vit_bundle, aside)
+    stranger = tmp_path / "other.partial-9-old"
+    shutil.copytree(vit_bundle, stranger)
+    assert _set_aside(out, aside)
+    assert not _set_aside(out, out)  # OUT itself, never
+    assert not _set_aside(out, stranger)  # another bundle's .partial- folder, not named for this OUT
+    assert not _set_aside(tmp_path / "x" / "out", aside)  # not a sibling of that OUT
+
+
+# -- 4. the lock file --------------------------------------------------------------------
+
+
+def test_lock_release_removes_only_its_lock_file(tmp_path: Path) -> None:
+    from vlm_export.bundle.locks import LOCK_SUFFIX, OutputLock
+
+    out = tmp_path / "out"
+    lock = OutputLock(out).acquire()
+    assert lock.path.name.endswith(LOCK_SUFFIX) and lock.path.exists()
+    (tmp_path / "notes.txt").write_text("mine")
+    lock.release()
+    assert not lock.path.exists() and [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+# -- 5. the report's plots ---------------------------------------------------------------
+
+
+def test_report_rewrite_keeps_a_users_png(vit_bundle: Path, tmp_path: Path) -> None:
+    from vlm_export.report.plots import PLOT_FILES
+    from vlm_export.report.write import refresh_reports
+
+    bundle = tmp_path / "b"
+    shutil.copytree(vit_bundle, bundle)
+    (bundle / "plots" / "my-notes.png").write_bytes(b"mine")
+    stale = bundle / "plots" / "latency_vs_batch.png"  # a plot name the report writes, with no data now
+    stale.write_bytes(b"stale")
+    refresh_reports(bundle)
+    assert (bundle / "plots" / "my-notes.png").read_bytes() == b"mine"
+    assert "latency_vs_batch.png" in PLOT_FILES and not stale.exists()
+
+
+# -- 6. caches -------------------------------------------------------------------------------
+
+
+def test_default_model_cache_replaces_only_its_own_conversion(tmp_path: Path) -> None:
+    from vlm_export.defaults.dinov2_small import convert
+
+    user = tmp_path / "my-model"
+    user.mkdir()
+    (user / "model.safetensors").write_bytes(b"weights")
+    with pytest.raises(InputError, match="not a vlm-export conversion"):
+        convert(tmp_path / "unused.onnx", user, replace=True)
+    assert (user / "model.safetensors").read_bytes() == b"weights"
+    assert [p.name for p in tmp_path.iterdir()] == ["my-model"]  # no temp folder left either
+
+
+def test_default_image_set_replaces_only_its_own_folder(tmp_path: Path) -> None:
+    from vlm_export.calibration.default_set import SOURCES_FILE, materialize
+
+    user = tmp_path / "photos"
+    user.mkdir()
+    (user / SOURCES_FILE).write_text("# my own notes\n")
+    (user / "holiday.jpg").write_bytes(b"mine")
+    with pytest.raises(InputError, match="not a materialized image set"):
+        materialize(user, "calibration")
+    assert (user / "holiday.jpg").read_bytes() == b"mine"
+    ours = materialize(tmp_path / "set", "calibration")
+    again = materialize(ours, "calibration")  # a set it wrote is replaced in place
+    assert again == ours and (ours / SOURCES_FILE).is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photos", "set"]
