@@ -31,13 +31,6 @@ class Evaluation(str, enum.Enum):
     ORT_CPU = "ort-cpu"
     FLOAT_QDQ = "float-qdq"
 
-    @property
-    def label(self) -> str:
-        return {
-            Evaluation.ORT_CPU: "onnxruntime CPU kernels",
-            Evaluation.FLOAT_QDQ: "Q/DQ in float (TensorRT explicit quantization, emulated)",
-        }[self]
-
 
 @dataclass(frozen=True)
 class Recipe:

@@ -15,20 +15,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from vlm_export.bundle.records import DimRange
 from vlm_export.errors import InputError
 
 
-@dataclass(frozen=True)
-class Range:
-    """min/opt/max of one symbolic dimension; TensorRT tunes kernels for `opt`."""
-
-    min: int
-    opt: int
-    max: int
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.min <= self.opt <= self.max:
-            raise ValueError(f"range must satisfy 0 <= min <= opt <= max, got {self.min}/{self.opt}/{self.max}")
+Range = DimRange
+"""min/opt/max of one symbolic dimension (TensorRT tunes kernels for `opt`): the same
+type the families declare their own ranges with, so the planner compares like with like."""
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ the runtime feeds the same arrays to every variant.
 
 from __future__ import annotations
 
+import heapq
 from pathlib import Path
 from typing import Sequence
 
@@ -36,16 +37,24 @@ def _make_valid(model: "onnx.ModelProto") -> None:  # noqa: F821 - onnx imported
     a hint that shape inference recomputes, is dropped.
     """
     graph = model.graph
-    known = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
-    pending, ordered = list(graph.node), []
-    while pending:
-        ready = [n for n in pending if all(i in known for i in n.input)]
-        if not ready:  # a name from an outer scope or a subgraph: keep the converter's order
-            return
-        for node in ready:
-            known.update(node.output)
-        ordered.extend(ready)
-        pending = [n for n in pending if n not in ready]
+    nodes = list(graph.node)
+    producer = {out: i for i, node in enumerate(nodes) for out in node.output}
+    waiting_on = [{producer[t] for t in node.input if t in producer} for node in nodes]
+    consumers: dict[int, list[int]] = {}
+    for i, needs in enumerate(waiting_on):
+        for j in needs:
+            consumers.setdefault(j, []).append(i)
+    ready = sorted(i for i, needs in enumerate(waiting_on) if not needs)
+    order: list[int] = []
+    while ready:  # Kahn's algorithm over node indices: linear in the graph's size
+        i = heapq.heappop(ready)
+        order.append(i)
+        for k in consumers.get(i, ()):
+            waiting_on[k].discard(i)
+            if not waiting_on[k]:
+                heapq.heappush(ready, k)
+    if len(order) != len(nodes):  # a cycle: keep the converter's order (the checker will say why)
+        return
     del graph.node[:]
-    graph.node.extend(ordered)
+    graph.node.extend(nodes[i] for i in order)
     del graph.value_info[:]
