@@ -194,19 +194,34 @@ def test_static_component_has_no_shape_flags(dino: dict) -> None:
 # --- DLA ------------------------------------------------------------------------------
 
 
-def test_dla_plans_are_static_with_gpu_fallback(dino: dict) -> None:
-    plans = plan(dino, get_target("jetson-agx-orin"), dla_core=1)
-    assert [p.variant for p in plans] == ["fp16", "int8"]  # DLA runs fp16/int8 only
-    for p in plans:
-        assert shapes(p) == {"pixel_values": ((4, 3, 56, 56),) * 3}
+def test_dla_plans_are_weakly_typed_static_batch_one_with_gpu_fallback(dino: dict) -> None:
+    """TensorRT 10.3 (JetPack 6) builds DLA only weakly typed: trtexec turns on kFP16 for any
+    DLA build without --int8 (sampleEngines.cpp:1143-1146 at v10.3.0) and refuses precision
+    flags on a strongly typed network (sampleOptions.cpp:1231-1245). A DLA profile is static,
+    pinned at batch 1 so a single image always runs (AGX Orin's GPU opt batch is 4)."""
+    fp16, int8 = plan(dino, get_target("jetson-agx-orin"), dla_core=1)  # DLA runs fp16/int8 only
+    for p in (fp16, int8):
+        assert shapes(p) == {"pixel_values": ((1, 3, 56, 56),) * 3}
         assert p.engine == f"engines/jetson-agx-orin/vision.{p.variant}.dla1.plan"
-        assert p.builder_flags == ("STRONGLY_TYPED", "GPU_FALLBACK")
-    assert plans[0].trtexec_command() == (
+        assert not p.strongly_typed and "--stronglyTyped" not in p.trtexec_command()
+    assert fp16.builder_flags == ("FP16", "GPU_FALLBACK") and int8.builder_flags == ("INT8", "FP16", "GPU_FALLBACK")
+    assert fp16.trtexec_command() == (
         "trtexec --onnx=vision/vision.fp16.onnx --saveEngine=engines/jetson-agx-orin/vision.fp16.dla1.plan "
-        "--minShapes=pixel_values:4x3x56x56 --optShapes=pixel_values:4x3x56x56 --maxShapes=pixel_values:4x3x56x56 "
-        "--stronglyTyped --memPoolSize=workspace:4096M --timingCacheFile=engines/jetson-agx-orin/timing.cache "
+        "--minShapes=pixel_values:1x3x56x56 --optShapes=pixel_values:1x3x56x56 --maxShapes=pixel_values:1x3x56x56 "
+        "--fp16 --memPoolSize=workspace:4096M --timingCacheFile=engines/jetson-agx-orin/timing.cache "
         "--useDLACore=1 --allowGPUFallback"
     )
+    # INT8 on DLA: the QDQ graph's scales as a calibration cache, its Q/DQ-free translation as the network.
+    assert (int8.source_onnx, int8.onnx, int8.calibration_cache) == (
+        "vision/vision.int8.onnx", "engines/jetson-agx-orin/vision.int8.dla1.noqdq.onnx", "engines/jetson-agx-orin/vision.int8.dla1.calib")
+    assert int8.trtexec_command() == (
+        "trtexec --onnx=engines/jetson-agx-orin/vision.int8.dla1.noqdq.onnx --saveEngine=engines/jetson-agx-orin/vision.int8.dla1.plan "
+        "--minShapes=pixel_values:1x3x56x56 --optShapes=pixel_values:1x3x56x56 --maxShapes=pixel_values:1x3x56x56 "
+        "--int8 --fp16 --calib=engines/jetson-agx-orin/vision.int8.dla1.calib --memPoolSize=workspace:4096M "
+        "--timingCacheFile=engines/jetson-agx-orin/timing.cache --useDLACore=1 --allowGPUFallback"
+    )
+    gpu = plan(dino, get_target("jetson-agx-orin"), ["fp16"])[0]
+    assert gpu.strongly_typed and gpu.precision_flags == () and shapes(gpu)["pixel_values"][1] == (4, 3, 56, 56)
 
 
 @pytest.mark.parametrize(

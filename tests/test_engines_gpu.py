@@ -58,9 +58,11 @@ def test_native_runner_matches_onnxruntime(engine_bundle: Path, key: str) -> Non
     from vlm_export.runtime.session import create_session
     from vlm_export.runtime.trt_runner import create_runner
 
-    raw = json.loads((engine_bundle / "manifest.json").read_text())["components"]["vision"]["variants"][key]
-    runner = create_runner(engine_bundle, raw, where=f"variant vision/{key}")
-    session = create_session(engine_bundle / raw["onnx"], "cpu")
+    from vlm_export.runtime.manifest import read_manifest
+
+    entry = read_manifest(engine_bundle).typed.components["vision"].variants[key]  # typed, as load() passes it
+    runner = create_runner(engine_bundle, entry, where=f"variant vision/{key}")
+    session = create_session(engine_bundle / entry.onnx, "cpu")
     rng = np.random.default_rng(0)
     for batch in (1, 3, 2):  # shapes change between calls; buffers are reused or grown
         x = rng.standard_normal((batch, 3, 56, 56)).astype(np.float32)

@@ -28,36 +28,49 @@ RECORD = engine_record("manifest.json", "engine", {
     "device": "Orin", "compute_capability": "8.7"})
 
 
-@pytest.mark.parametrize("version", ["10.3.0.30", "10.3.0.26", "10.3.0"])  # the build number may differ
-def test_engine_compatible_same_version_and_gpu(version: str) -> None:
-    assert check_engine_compatible(RECORD, version, "8.7") is None  # accepted: no error
-    # ...and the runtime then picks exactly that record for this device.
-    assert select_engine_record({"jetson-orin-nano": RECORD}, version, "8.7", "vision/fp16") is RECORD
-    # The boundary: the next patch release or another GPU is refused.
-    with pytest.raises(BundleError, match="rebuild it here: vlm-export engine OUT --target jetson-orin-nano$"):
-        check_engine_compatible(RECORD, "10.3.1", "8.7")
-    with pytest.raises(BundleError, match="this machine has TensorRT 10.3.0.30 on compute 8.9"):
+def test_engine_compatible_only_with_the_same_four_part_version_and_gpu() -> None:
+    assert check_engine_compatible(RECORD, "10.3.0.30", "8.7", "Orin", 2) is None  # accepted: no error
+    assert select_engine_record({"jetson-orin-nano": RECORD}, "10.3.0.30", "8.7", "vision/fp16", device_name="Orin") is RECORD
+    # "version numbers must match (in major, minor, patch, and build)": another build of 10.3.0 is refused too.
+    for other in ("10.3.0.26", "10.3.0", "10.3.1.30"):
+        with pytest.raises(BundleError, match=f"this machine has TensorRT {other} on Orin .*: another TensorRT build; rebuild"):
+            check_engine_compatible(RECORD, other, "8.7", "Orin")
+    with pytest.raises(BundleError, match=r"on a GPU \(compute 8.9\): another GPU; rebuild it here: vlm-export engine OUT --target jetson-orin-nano$"):
         check_engine_compatible(RECORD, "10.3.0.30", "8.9")
 
 
-@pytest.mark.parametrize(("version", "cc"), [("10.13.3", "8.7"), ("10.3.0", "8.9"), ("11.4.1", "9.0"), ("10.4.0", "8.7")])
-def test_engine_for_another_device_or_version_is_refused(version: str, cc: str) -> None:
+@pytest.mark.parametrize(("version", "name", "cc", "why"), [
+    ("10.13.3.9", "Orin", "8.7", "TensorRT build"), ("10.3.0.30", "NVIDIA GeForce RTX 4090", "8.9", "GPU"),
+    ("11.4.1.0", "NVIDIA H100", "9.0", "TensorRT build and GPU"), ("10.3.0.30", "NVIDIA Jetson Orin", "8.7", "GPU")])
+def test_engine_for_another_device_or_version_is_refused(version: str, name: str, cc: str, why: str) -> None:
     with pytest.raises(BundleError) as info:
-        check_engine_compatible(RECORD, version, cc)
+        check_engine_compatible(RECORD, version, cc, name, 0)
     assert str(info.value) == (
-        "engine 'engines/jetson-orin-nano/vision.fp16.plan' was built with TensorRT 10.3.0.30 for compute 8.7 (Orin); "
-        f"this machine has TensorRT {version} on compute {cc}; rebuild it here: vlm-export engine OUT --target jetson-orin-nano"
+        "engine 'engines/jetson-orin-nano/vision.fp16.plan' was built with TensorRT 10.3.0.30 for Orin (compute 8.7); "
+        f"this machine has TensorRT {version} on {name} (compute {cc}, 0 DLA cores): another {why}; "
+        "rebuild it here: vlm-export engine OUT --target jetson-orin-nano"
     )
     assert "\n" not in str(info.value)
 
 
-def test_select_engine_record() -> None:
-    ada = replace(RECORD, path="engines/desktop-ada/vision.fp16.plan", target="desktop-ada", tensorrt_version="10.13.3.9", compute_capability="8.9")
-    engines = {"jetson-orin-nano": RECORD, "desktop-ada": ada}
-    assert select_engine_record(engines, "10.13.3.9", "8.9", "vision/fp16") is ada
-    assert select_engine_record(engines, "10.3.0.30", "8.7", "vision/fp16") is RECORD
-    with pytest.raises(BundleError, match="built with TensorRT 10.3.0.30 for compute 8.7"):
-        select_engine_record(engines, "10.13.3.9", "9.0", "vision/fp16")
+def test_select_engine_record_by_target_device_and_dla() -> None:
+    """Orin Nano, NX and AGX are all compute 8.7: the target name and DLA decide, not the capability."""
+    ada = replace(RECORD, path="engines/desktop-ada/vision.fp16.plan", target="desktop-ada", tensorrt_version="10.13.3.9",
+                  device="NVIDIA GeForce RTX 4090", compute_capability="8.9")
+    agx = replace(RECORD, path="engines/jetson-agx-orin/vision.fp16.plan", target="jetson-agx-orin")
+    agx_dla = replace(agx, path="engines/jetson-agx-orin/vision.fp16.dla1.plan", dla_core=1)
+    engines = {"jetson-orin-nano": RECORD, "desktop-ada": ada, "jetson-agx-orin.dla1": agx_dla, "jetson-agx-orin": agx}
+    pick = lambda target, cores=2: select_engine_record(engines, "10.3.0.30", "8.7", "vision/fp16", device_name="Orin", dla_cores=cores, target=target)  # noqa: E731
+    assert pick("jetson-agx-orin") is agx  # the GPU engine first, though the DLA one is listed before it
+    assert pick("jetson-agx-orin.dla1") is agx_dla
+    assert pick("jetson-orin-nano", 0) is RECORD
+    with pytest.raises(BundleError, match=r"DLA core 1\); this machine has .*0 DLA cores\): another DLA \(no core 1\); rebuild"):
+        pick("jetson-agx-orin.dla1", 0)  # a DLA engine on a device without DLA
+    with pytest.raises(InputError, match="^vision/fp16 has no TensorRT engine for target 'jetson-orin-nx' \\(--target\\); built: jetson-orin-nano, desktop-ada"):
+        pick("jetson-orin-nx")
+    assert select_engine_record(engines, "10.13.3.9", "8.9", "vision/fp16", device_name="NVIDIA GeForce RTX 4090") is ada
+    with pytest.raises(BundleError, match="built with TensorRT 10.3.0.30 for Orin"):
+        select_engine_record(engines, "10.13.3.9", "9.0", "vision/fp16", device_name="NVIDIA H100")
     with pytest.raises(InputError, match="^variant vision/fp16 has no TensorRT engine; build one on this device"):
         select_engine_record({}, "10.3.0", "8.7", "variant vision/fp16")
 

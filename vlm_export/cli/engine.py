@@ -56,10 +56,26 @@ def engine(
     _print_plans(bundle, plans, manifest)
     if dry_run:
         return
+    _write_dla_inputs(bundle, plans)
     if not is_tensorrt_available():
         require_tensorrt()  # raises the one-line "TensorRT is not installed here" error, exit 2
     for record in build_engines(bundle, plans):
         typer.echo(f"built {record['path']} ({record['bytes'] / 1e6:.1f} MB, TensorRT {record['tensorrt_version']}, {record['device']})")
+
+
+def _write_dla_inputs(bundle: Path, plans: list[Any]) -> None:
+    """The Q/DQ-free ONNX and calibration cache a weakly typed DLA INT8 trtexec line reads
+    (engines/qdq_cache.py), written before the lines are run here or on the device."""
+    from vlm_export.bundle.paths import resolve_inside
+    from vlm_export.engines.build import write_atomic
+    from vlm_export.engines.qdq_cache import dla_int8_files
+
+    for p in plans:
+        if p.calibration_cache is not None and p.source_onnx is not None:
+            model, cache = dla_int8_files(resolve_inside(bundle, p.source_onnx), p.tensorrt)
+            write_atomic(resolve_inside(bundle, p.onnx), model)
+            write_atomic(resolve_inside(bundle, p.calibration_cache), cache)
+            typer.echo(f"wrote {p.onnx} and {p.calibration_cache} (Q/DQ scales as a calibration cache for DLA)")
 
 
 def _verify_planned(manifest: Any, plans: list[Any]) -> None:

@@ -22,12 +22,15 @@ from typing import Any, Iterable
 from vlm_export.bundle.paths import resolve_inside, sha256_file
 from vlm_export.bundle.schema import MANIFEST_NAME, EngineRecord, Manifest, engine_record
 from vlm_export.cleanup import is_temp, remove_file, temp_file
+from vlm_export.engines.dla import STRONG, dla_typing
 from vlm_export.engines.plan import EnginePlan
+from vlm_export.engines.targets import get_target
 from vlm_export.errors import InputError, VlmExportError
 from vlm_export.runtime.tensorrt import (  # noqa: F401 - re-exported: the build side asks the same questions
     INSTALL_HINT,
     check_engine_compatible,
     cuda_device,
+    init_plugins,
     is_tensorrt_available,
     require_tensorrt,
 )
@@ -43,6 +46,21 @@ def check_device_matches_target(plan: EnginePlan, device_name: str, device_cc: s
         raise InputError(
             f"target '{plan.target}' is compute {plan.compute_capability} but this GPU ({device_name}) is compute "
             f"{device_cc}; build on the target device or pick the --target that matches this GPU"
+        )
+
+
+def check_dla_here(plan: EnginePlan, trt_version: str, dla_cores: int) -> None:
+    """A DLA plan needs DLA on this device and in this TensorRT, typed as that TensorRT
+    builds DLA (engines/dla.py): refuse in one line before any parsing."""
+    if plan.dla_core is None:
+        return
+    if plan.dla_core >= dla_cores:
+        raise InputError(f"this device has {dla_cores} DLA core(s); the plan asks for DLA core {plan.dla_core} (--dla-core)")
+    typing = dla_typing(get_target(plan.target), trt_version)
+    if (typing == STRONG) != plan.strongly_typed:
+        raise InputError(
+            f"the plan is {'strongly' if plan.strongly_typed else 'weakly'} typed for DLA under TensorRT {plan.tensorrt}, "
+            f"but TensorRT {trt_version} builds DLA {typing}ly typed; plan again on this device (vlm-export engine)"
         )
 
 
@@ -89,11 +107,48 @@ def _config(trt: Any, builder: Any, network: Any, plan: EnginePlan, cache_bytes:
         config.add_optimization_profile(profile)
     cache = config.create_timing_cache(cache_bytes)
     config.set_timing_cache(cache, ignore_mismatch=False)
+    for flag in plan.precision_flags:  # weakly typed DLA only (engines/dla.py)
+        config.set_flag(getattr(trt.BuilderFlag, flag))
     if plan.dla_core is not None:
         config.default_device_type = trt.DeviceType.DLA
         config.DLA_core = plan.dla_core
         config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
     return config
+
+
+def _cache_calibrator(trt: Any, cache: bytes) -> Any:
+    """An INT8 calibrator that only replays `cache` (the scales of the bundle's QDQ graph):
+    TensorRT reads the cache first and never asks for a batch when every tensor is in it."""
+    class CacheCalibrator(trt.IInt8EntropyCalibrator2):  # type: ignore[misc, name-defined]
+        def __init__(self) -> None:
+            trt.IInt8EntropyCalibrator2.__init__(self)
+
+        def get_batch_size(self) -> int:
+            return 1
+
+        def get_batch(self, names: Any) -> None:
+            return None
+
+        def read_calibration_cache(self) -> bytes:
+            return cache
+
+        def write_calibration_cache(self, cache: Any) -> None:
+            return None
+
+    return CacheCalibrator()
+
+
+def _dla_int8_inputs(plan: EnginePlan, bundle: Path, trt_version: str) -> bytes | None:
+    """Write the Q/DQ-free ONNX and calibration cache of a weakly typed DLA INT8 plan
+    (header for the TensorRT here); return the cache bytes. None for any other plan."""
+    if plan.calibration_cache is None or plan.source_onnx is None:
+        return None
+    from vlm_export.engines.qdq_cache import dla_int8_files
+
+    model, cache = dla_int8_files(resolve_inside(bundle, plan.source_onnx), trt_version)
+    write_atomic(resolve_inside(bundle, plan.onnx), model)
+    write_atomic(resolve_inside(bundle, plan.calibration_cache), cache)
+    return cache
 
 
 def build_engine(plan: EnginePlan, bundle: Path, verbose: bool = False) -> dict[str, Any]:
@@ -106,13 +161,18 @@ def build_engine(plan: EnginePlan, bundle: Path, verbose: bool = False) -> dict[
     device_name, device_cc = cuda_device()
     check_device_matches_target(plan, device_name, device_cc)
     bundle = Path(bundle)
-    onnx_path = resolve_inside(bundle, plan.onnx)
     engine_path = resolve_inside(bundle, plan.engine)
     cache_path = resolve_inside(bundle, plan.timing_cache)
     logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
+    init_plugins(trt, logger)
     builder = trt.Builder(logger)
-    network, _parser = _network(trt, builder, plan, onnx_path, logger)
+    check_dla_here(plan, trt.__version__, builder.num_DLA_cores)
+    calibration = _dla_int8_inputs(plan, bundle, trt.__version__)
+    network, _parser = _network(trt, builder, plan, resolve_inside(bundle, plan.onnx), logger)
     config = _config(trt, builder, network, plan, cache_path.read_bytes() if cache_path.is_file() else b"")
+    calibrator = _cache_calibrator(trt, calibration) if calibration is not None else None
+    if calibrator is not None:  # kept referenced in this frame: TensorRT holds only a pointer during the build
+        config.int8_calibrator = calibrator
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise EngineBuildError(f"TensorRT could not build {plan.component}/{plan.variant} for {plan.target} (see the TensorRT log above)")

@@ -11,6 +11,10 @@ dimension names.
 Precision comes from the ONNX graph, never from a calibrator: the FP16 graph is already
 cast (norms kept FP32) and the INT8 graph carries QDQ nodes, so both build as strongly
 typed networks (`--stronglyTyped`, the only mode in TensorRT 11); FP32 builds plain.
+The exception is DLA under TensorRT <= 10.7, which builds only weakly typed
+(`engines/dla.py`): `--fp16`, or `--int8 --fp16` from the INT8 graph with its Q/DQ nodes
+turned into a calibration cache (`engines/qdq_cache.py`), files the engine command writes
+next to the engines. A DLA profile is static and pinned at batch 1, so one image always runs.
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from vlm_export.bundle.paths import plain_relative
+from vlm_export.bundle.records import AxisKind
 from vlm_export.bundle.schema import Component, DimRange, DimSpec, EpPlan, InputProfile, Manifest, TensorEntry, VariantEntry
+from vlm_export.engines.dla import STRONG, dla_precision_flags, dla_typing
 from vlm_export.engines.targets import TARGETS, Range, Target
 from vlm_export.errors import InputError
 from vlm_export.recipes import RECIPES, Evaluation
@@ -35,6 +41,9 @@ class EnginePlan:
     """One engine to build: (component, variant) of a bundle for one target.
 
     Paths are relative to the bundle root. `dla_core` None means GPU only.
+    `precision_flags` are BuilderFlag names a weakly typed (DLA, TensorRT <= 10.7) plan
+    sets; `calibration_cache`, with `source_onnx` (the bundle's QDQ graph), is set for a
+    weakly typed DLA INT8 plan, whose `onnx` is then the Q/DQ-free translation.
     """
 
     component: str
@@ -50,6 +59,9 @@ class EnginePlan:
     workspace_mib: int
     timing_cache: str
     dla_core: int | None = None
+    precision_flags: tuple[str, ...] = ()
+    calibration_cache: str | None = None
+    source_onnx: str | None = None
 
     @property
     def gpu_fallback(self) -> bool:
@@ -59,7 +71,7 @@ class EnginePlan:
     @property
     def builder_flags(self) -> tuple[str, ...]:
         flags = ["STRONGLY_TYPED"] if self.strongly_typed else []
-        return tuple(flags + (["GPU_FALLBACK"] if self.gpu_fallback else []))
+        return tuple(flags + list(self.precision_flags) + (["GPU_FALLBACK"] if self.gpu_fallback else []))
 
     @property
     def dynamic_inputs(self) -> tuple[InputProfile, ...]:
@@ -84,6 +96,9 @@ class EnginePlan:
                 parts.append(f"{flag}=" + ",".join(i.shape_arg(which) for i in dynamic))
         if self.strongly_typed:
             parts.append("--stronglyTyped")
+        parts += [f"--{flag.lower()}" for flag in self.precision_flags]
+        if self.calibration_cache is not None:
+            parts.append(f"--calib={at(self.calibration_cache)}")
         parts.append(f"--memPoolSize=workspace:{self.workspace_mib}M")
         parts.append(f"--timingCacheFile={at(self.timing_cache)}")
         if self.dla_core is not None:
@@ -102,6 +117,7 @@ class EnginePlan:
             "target": self.target, "onnx": self.onnx, "engine": self.engine,
             "profile": [i.to_json() for i in self.inputs], "builder_flags": list(self.builder_flags),
             "workspace_mib": self.workspace_mib, "timing_cache": self.timing_cache, "dla_core": self.dla_core,
+            **({"calibration_cache": self.calibration_cache, "source_onnx": self.source_onnx} if self.calibration_cache else {}),
         }
 
 
@@ -140,13 +156,15 @@ def input_profile(
     """Profile of one manifest input: symbols take the target's ranges for their declared
     kind (cut to the model's own range), fixed dims stay.
 
-    `static` pins every symbol at its opt value (DLA runs static shapes only).
+    `static` pins every symbol at its opt value, and batch at 1 (DLA runs static shapes
+    only, and a single image must always run).
     """
     lo, mid, hi = [], [], []
     for dim in spec.shape:
         if isinstance(dim, str):
             rng = _range_for(dim, target, f"{where} input '{spec.name}'", dims)
-            values = (rng.opt,) * 3 if static else (rng.min, rng.opt, rng.max)
+            pinned = 1 if dims[dim].kind is AxisKind.BATCH else rng.opt
+            values = (pinned,) * 3 if static else (rng.min, rng.opt, rng.max)
         else:
             values = (int(dim),) * 3
         lo.append(values[0])
@@ -164,8 +182,7 @@ def _check_request(target: Target, precisions: Sequence[str] | None, dla_core: i
             )
     if dla_core is None:
         return
-    if target.dla_cores == 0:
-        raise InputError(f"{target.name} has no DLA (--dla-core); DLA exists on Jetson Orin NX and AGX Orin")
+    dla_typing(target, target.tensorrt)  # a one-line refusal where this module or TensorRT has no DLA
     if not 0 <= dla_core < target.dla_cores:
         raise InputError(f"--dla-core {dla_core} does not exist on {target.name}; its DLA cores are 0..{target.dla_cores - 1}")
     for precision in precisions or ():
@@ -228,16 +245,32 @@ def plan(
         inputs = tuple(
             input_profile(spec, target, f"component '{name}'", comp.dims, static=dla_core is not None) for spec in comp.inputs
         )
+        onnx = plain_relative(variant.onnx, "the bundle").as_posix()
         plans.append(EnginePlan(
             component=name, variant=key, precision=variant.precision, target=target.name,
             tensorrt=target.tensorrt, compute_capability=target.compute_capability,
-            onnx=plain_relative(variant.onnx, "the bundle").as_posix(), engine=plain_relative(f"{folder}/{name}.{key}{suffix}.plan", "the bundle").as_posix(), inputs=inputs,
+            onnx=onnx, engine=plain_relative(f"{folder}/{name}.{key}{suffix}.plan", "the bundle").as_posix(), inputs=inputs,
             strongly_typed=variant.precision != "fp32", workspace_mib=target.workspace_mib,
             timing_cache=f"{folder}/timing.cache", dla_core=dla_core,
         ))
+        if dla_core is not None:
+            plans[-1] = _dla_typed(plans[-1], dla_typing(target, target.tensorrt), f"{folder}/{name}.{key}{suffix}")
     if not plans:
         raise InputError(f"no TensorRT variant of this bundle ({', '.join(available)}) runs on {'DLA' if dla_core is not None else target.name}")
     return plans
+
+
+def _dla_typed(p: EnginePlan, typing: str, stem: str) -> EnginePlan:
+    """A DLA plan typed as its TensorRT requires: strongly typed from 11.4.1 on; weakly
+    typed with precision flags before, the INT8 one built from the Q/DQ-free translation
+    of the bundle's graph plus its calibration cache (written by the engine command)."""
+    if typing == STRONG:
+        return replace(p, strongly_typed=True)
+    flags = dla_precision_flags(p.precision, typing)
+    if p.precision != "int8":
+        return replace(p, strongly_typed=False, precision_flags=flags)
+    return replace(p, strongly_typed=False, precision_flags=flags, source_onnx=p.onnx,
+                   onnx=f"{stem}.noqdq.onnx", calibration_cache=f"{stem}.calib")
 
 
 def ort_trt_provider_options(plan: EnginePlan, root: str | Path | None = None, cache_dir: str | Path | None = None) -> dict[str, Any]:

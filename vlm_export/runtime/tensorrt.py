@@ -8,8 +8,10 @@ never needs them; `check_engine_compatible` and `select_engine_record` are pure.
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
+import threading
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
@@ -46,6 +48,25 @@ def require_tensorrt() -> Any:
     return tensorrt
 
 
+_PLUGINS_LOCK = threading.Lock()
+_PLUGINS_DONE: set[int] = set()
+
+
+def init_plugins(trt: Any, logger: Any) -> None:
+    """Register TensorRT's bundled plugins once per process (and per tensorrt module).
+
+    Why: an ONNX graph may import ops TensorRT implements as plugins (LayerNorm before
+    opset 17, GroupNorm...); without registration the parser or deserialisation fails.
+    `trt.init_libnvinfer_plugins(logger, namespace)` (pyPlugin.cpp) is not idempotent in
+    cost, so it runs once; "" is the default namespace.
+    """
+    with _PLUGINS_LOCK:
+        if id(trt) in _PLUGINS_DONE:
+            return
+        trt.init_libnvinfer_plugins(logger, "")
+        _PLUGINS_DONE.add(id(trt))
+
+
 def cuda_device(index: int = 0) -> tuple[str, str]:
     """(name, "major.minor") of CUDA device `index`, via cuda-python, else nvidia-smi."""
     try:
@@ -74,35 +95,63 @@ def _nvidia_smi_device(index: int) -> tuple[str, str]:
     return rows[index][0].strip(), rows[index][1].strip()
 
 
-def _version_key(version: str) -> tuple[str, ...]:
-    """10.3.0.30 → ("10", "3", "0"): engines are tied to major.minor.patch."""
-    return tuple(version.split(".")[:3])
+def _version_key(version: str) -> tuple[int, ...]:
+    """"10.3.0.30" -> (10, 3, 0, 30), "10.3.0" -> (10, 3, 0, 0): all four parts count."""
+    numbers = [int(m.group()) for m in (re.match(r"\d+", p) for p in version.split(".")[:4]) if m]
+    return tuple(numbers + [0] * (4 - len(numbers)))
 
 
-def check_engine_compatible(record: EngineRecord, runtime_trt_version: str, device_cc: str) -> None:
-    """Refuse an engine built with another TensorRT version or for another GPU.
+def check_engine_compatible(
+    record: EngineRecord, runtime_trt_version: str, device_cc: str, device_name: str | None = None, dla_cores: int | None = None
+) -> None:
+    """Refuse an engine built with another TensorRT build, for another GPU, or for a DLA
+    this device lacks.
 
-    Why: TensorRT plans are neither forward/backward compatible across versions nor
-    portable across compute capabilities; loading one fails with an opaque
-    deserialisation error or, worse, runs slow kernels for the wrong architecture.
+    Why: a serialized engine loads only in the TensorRT it was built with, "version numbers
+    must match (in major, minor, patch, and build)" (TensorRT release properties); compute
+    capability alone does not name the GPU (Orin Nano, NX and AGX are all 8.7, only NX and
+    AGX have DLA). `device_name`/`dla_cores` None skip those checks (pure callers).
     """
-    if _version_key(record.tensorrt_version) == _version_key(runtime_trt_version) and record.compute_capability == device_cc:
+    problems = []
+    if _version_key(record.tensorrt_version) != _version_key(runtime_trt_version):
+        problems.append("TensorRT build")
+    if record.compute_capability != device_cc or (device_name is not None and record.device != device_name):
+        problems.append("GPU")
+    if record.dla_core is not None and dla_cores is not None and record.dla_core >= dla_cores:
+        problems.append(f"DLA (no core {record.dla_core})")
+    if not problems:
         return
+    core = f", DLA core {record.dla_core}" if record.dla_core is not None else ""
+    cores = f", {dla_cores} DLA cores" if dla_cores is not None else ""
     raise BundleError(
-        f"engine '{record.path}' was built with TensorRT {record.tensorrt_version} for compute {record.compute_capability} "
-        f"({record.device}); this machine has TensorRT {runtime_trt_version} on compute {device_cc}; "
+        f"engine '{record.path}' was built with TensorRT {record.tensorrt_version} for {record.device} "
+        f"(compute {record.compute_capability}{core}); this machine has TensorRT {runtime_trt_version} on "
+        f"{device_name or 'a GPU'} (compute {device_cc}{cores}): another {' and '.join(problems)}; "
         f"rebuild it here: vlm-export engine OUT --target {record.target or 'NAME'}"
     )
 
 
-def select_engine_record(engines: Mapping[str, EngineRecord], trt_version: str, device_cc: str, where: str) -> EngineRecord:
-    """The engine record built for this TensorRT version and GPU; else a clear refusal."""
+def select_engine_record(
+    engines: Mapping[str, EngineRecord], trt_version: str, device_cc: str, where: str, *,
+    device_name: str | None = None, dla_cores: int | None = None, target: str | None = None,
+) -> EngineRecord:
+    """The engine record for this target, TensorRT build, GPU and DLA; else a clear refusal.
+
+    `target` is a target name (its GPU engine is preferred over a DLA one) or an engine key
+    such as "jetson-agx-orin.dla0"; None considers every record, GPU engines first.
+    """
     if not engines:
         raise InputError(f"{where} has no TensorRT engine; build one on this device: vlm-export engine OUT --target NAME")
+    if target is not None and target in engines:
+        candidates = [engines[target]]
+    else:
+        candidates = [r for r in engines.values() if target is None or r.target == target]
+    if not candidates:
+        raise InputError(f"{where} has no TensorRT engine for target '{target}' (--target); built: {', '.join(engines)}")
     first_error: BundleError | None = None
-    for record in engines.values():
+    for record in sorted(candidates, key=lambda r: r.dla_core is not None):
         try:
-            check_engine_compatible(record, trt_version, device_cc)
+            check_engine_compatible(record, trt_version, device_cc, device_name, dla_cores)
             return record
         except BundleError as exc:
             first_error = first_error or exc

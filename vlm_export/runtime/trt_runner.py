@@ -20,7 +20,7 @@ import numpy as np
 
 from vlm_export.bundle.schema import VariantEntry
 from vlm_export.errors import BackendUnavailableError, BundleError, InputError
-from vlm_export.runtime.tensorrt import cuda_device, require_tensorrt, select_engine_record
+from vlm_export.runtime.tensorrt import cuda_device, init_plugins, require_tensorrt, select_engine_record
 
 
 def _fmt(shape: Sequence[int]) -> str:
@@ -82,12 +82,19 @@ class TensorRTRunner:
     come back as fresh numpy arrays. Thread-safe `infer` (one execution context).
     """
 
-    def __init__(self, engine_path: Path, profiles: Sequence[Any] = (), variant: Any = None, verbose: bool = False) -> None:
+    def __init__(self, engine_path: Path, profiles: Sequence[Any] = (), variant: Any = None, verbose: bool = False,
+                 dla_core: int | None = None) -> None:
         trt = require_tensorrt()
         self._trt, self._cudart = trt, _cudart()
         self.variant = variant
         logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
+        init_plugins(trt, logger)
         self._runtime = trt.Runtime(logger)
+        if dla_core is not None:  # the core the engine record names; TensorRT runs a DLA engine on the runtime's core
+            if dla_core >= self._runtime.num_DLA_cores:
+                raise BundleError(f"engine '{engine_path}' runs on DLA core {dla_core}; this device has "
+                                  f"{self._runtime.num_DLA_cores} DLA core(s); rebuild it for the GPU with vlm-export engine")
+            self._runtime.DLA_core = dla_core
         self.engine = self._runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
         if self.engine is None:
             raise BundleError(f"TensorRT could not deserialise '{engine_path}'; rebuild it on this device with vlm-export engine")
@@ -96,11 +103,25 @@ class TensorRTRunner:
         is_input = {n: self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names}
         self.input_names = [n for n in names if is_input[n]]
         self.output_names = [n for n in names if not is_input[n]]
+        self._dtypes = {n: self._numpy_dtype(n, engine_path) for n in names}
         self.profiles = self._profiles(profiles)
         self._buffers: dict[str, tuple[int, int]] = {}  # name -> (device pointer, capacity bytes)
         self._stream = _call(self._cudart, self._cudart.cudaStreamCreate())
         self._lock = threading.Lock()
         self.last_inference_ms = 0.0
+
+    def _numpy_dtype(self, name: str, engine_path: Path) -> np.dtype:
+        """numpy type of an I/O tensor; BF16/FP8/FP4/INT4 have none (`trt.nptype` raises
+        TypeError), so such an engine is refused at load, not mid-inference."""
+        dtype = self.engine.get_tensor_dtype(name)
+        try:
+            return np.dtype(self._trt.nptype(dtype))
+        except TypeError:
+            kind = getattr(dtype, "name", str(dtype))
+            raise BundleError(
+                f"engine '{engine_path}' tensor '{name}' is {kind}, which numpy cannot hold; this runner feeds "
+                "FP32/FP16/INT inputs and outputs: rebuild the variant with those at its inputs and outputs"
+            ) from None
 
     def _profiles(self, given: Sequence[Any]) -> dict[str, dict[str, Any]]:
         """Profile 0 as the engine reports it, with the manifest's symbolic dims for messages."""
@@ -117,7 +138,7 @@ class TensorRTRunner:
 
     def _buffer(self, name: str, nbytes: int) -> int:
         ptr, capacity = self._buffers.get(name, (0, 0))
-        if capacity < nbytes:
+        if capacity < max(nbytes, 1):  # never a null address, even for an empty KV cache (0 bytes)
             if ptr:
                 _call(self._cudart, self._cudart.cudaFree(ptr))
             ptr, capacity = int(_call(self._cudart, self._cudart.cudaMalloc(max(nbytes, 1)))), max(nbytes, 1)
@@ -125,10 +146,10 @@ class TensorRTRunner:
         return ptr
 
     def _set_inputs(self, feed: Mapping[str, np.ndarray]) -> None:
-        cudart, trt = self._cudart, self._trt
+        cudart = self._cudart
         for name in self.input_names:
             array = np.ascontiguousarray(feed[name])
-            expected = np.dtype(trt.nptype(self.engine.get_tensor_dtype(name)))
+            expected = self._dtypes[name]
             if array.dtype != expected:
                 raise InputError(f"input '{name}' is {array.dtype}; the engine takes {expected}")
             check_shape_in_profile(name, array.shape, self.profiles[name])
@@ -136,23 +157,25 @@ class TensorRTRunner:
                 raise InputError(f"TensorRT refused shape {_fmt(array.shape)} for input '{name}'")
             ptr = self._buffer(name, array.nbytes)
             kind = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
-            _call(cudart, cudart.cudaMemcpyAsync(ptr, array.ctypes.data, array.nbytes, kind, self._stream))
+            if array.nbytes:
+                _call(cudart, cudart.cudaMemcpyAsync(ptr, array.ctypes.data, array.nbytes, kind, self._stream))
             self.context.set_tensor_address(name, ptr)
 
     def _run(self) -> dict[str, np.ndarray]:
-        cudart, trt = self._cudart, self._trt
+        cudart = self._cudart
         outputs = {}
         for name in self.output_names:
             shape = tuple(self.context.get_tensor_shape(name))
             if any(d < 0 for d in shape):
                 raise BackendUnavailableError(f"output '{name}' has a data-dependent shape {shape}; this runner does not support it")
-            outputs[name] = np.empty(shape, dtype=np.dtype(trt.nptype(self.engine.get_tensor_dtype(name))))
+            outputs[name] = np.empty(shape, dtype=self._dtypes[name])
             self.context.set_tensor_address(name, self._buffer(name, outputs[name].nbytes))
         if not self.context.execute_async_v3(int(self._stream)):
             raise BackendUnavailableError("TensorRT execute_async_v3 failed (see the TensorRT log)")
         kind = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         for name, host in outputs.items():
-            _call(cudart, cudart.cudaMemcpyAsync(host.ctypes.data, self._buffers[name][0], host.nbytes, kind, self._stream))
+            if host.nbytes:
+                _call(cudart, cudart.cudaMemcpyAsync(host.ctypes.data, self._buffers[name][0], host.nbytes, kind, self._stream))
         _call(cudart, cudart.cudaStreamSynchronize(self._stream))
         return outputs
 
@@ -189,19 +212,22 @@ class TensorRTRunner:
             pass
 
 
-def create_runner(root: Path, entry: VariantEntry, variant: Any = None, where: str = "variant") -> TensorRTRunner:
+def create_runner(root: Path, entry: VariantEntry, variant: Any = None, where: str = "variant", target: str | None = None) -> TensorRTRunner:
     """A runner over the engine of one manifest variant built for this device.
 
-    Checks, in order: TensorRT imports, a GPU is there, an engine record matches this
-    TensorRT version and compute capability, its path stays inside the bundle and its
-    sha256 matches. `entry` is the manifest's `components.<c>.variants.<v>`.
+    Checks, in order: TensorRT imports, a GPU is there, an engine record matches `target`
+    (a target name or engine key; None: any), this TensorRT build, this GPU's name and
+    compute capability and, for a DLA engine, this device's DLA cores; its path stays inside
+    the bundle and its sha256 matches. `entry` is the manifest's `components.<c>.variants.<v>`.
     """
     from vlm_export.bundle.paths import resolve_inside, sha256_file
 
     trt = require_tensorrt()
-    _name, device_cc = cuda_device()
-    record = select_engine_record(entry.engines, trt.__version__, device_cc, where)
+    device_name, device_cc = cuda_device()
+    dla_cores = trt.Runtime(trt.Logger(trt.Logger.WARNING)).num_DLA_cores
+    record = select_engine_record(entry.engines, trt.__version__, device_cc, where, device_name=device_name,
+                                  dla_cores=dla_cores, target=target)
     path = resolve_inside(Path(root), record.path)
     if not path.is_file() or sha256_file(path) != record.sha256:
         raise BundleError(f"engine '{path}' is missing or its checksum does not match the manifest; rebuild it with vlm-export engine")
-    return TensorRTRunner(path, record.profile, variant=variant)
+    return TensorRTRunner(path, record.profile, variant=variant, dla_core=record.dla_core)
