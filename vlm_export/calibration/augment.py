@@ -12,7 +12,7 @@ twice. Seeded, so a calibration run is reproducible.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 
@@ -72,17 +72,35 @@ def random_resized_crops(
     images, n and seed give the same pixels. Defaults to seed=0, scale=(0.35, 1.0)
     (keep at least a third of the photo, as objects must stay recognisable),
     ratio=(3/4, 4/3) and hflip=True (a mirrored photo is still a real photo).
+    All `n` are held at once: the build draws them lazily with `iter_crops` instead.
+    """
+    return list(iter_crops(images, n, seed, scale, ratio, hflip))
+
+
+def iter_crops(
+    images: Sequence["Image.Image"],
+    n: int,
+    seed: int = 0,
+    scale: tuple[float, float] = (0.35, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    hflip: bool = True,
+) -> Iterator["Image.Image"]:
+    """The images of `random_resized_crops`, the same pixels, made one at a time.
+
+    Why: calibration memory must not grow with `n` (calibration.stream); only the
+    source photographs and the crop being yielded are alive.
     """
     from PIL import Image
 
+    images = list(images)
     _check(images, n, scale, ratio)
     originals = [image.convert("RGB") for image in images]
-    out = [image.copy() for image in originals[:n]]
+    for image in originals[:n]:
+        yield image.copy()
     rng = np.random.default_rng(seed)
-    for k in range(n - len(out)):
+    for k in range(n - min(n, len(originals))):
         source = originals[k % len(originals)]
         crop = source.crop(_box(rng, source.width, source.height, scale, ratio))
         if hflip and rng.random() < 0.5:
             crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        out.append(crop)
-    return out
+        yield crop

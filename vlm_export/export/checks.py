@@ -25,8 +25,10 @@ def check_graph(spec: ComponentSpec, onnx_path: Path) -> None:
     """onnx.checker + strict shape inference + graph I/O names and symbolic axes match the spec."""
     import onnx
 
-    model = onnx.load(str(onnx_path))
-    onnx.checker.check_model(model, full_check=True)
+    from vlm_export.export.external import check_model
+
+    check_model(onnx_path)  # by path: reads external data, works past 2 GB
+    model = onnx.load(str(onnx_path), load_external_data=False)  # the graph; types and shapes need no weights
     onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
     names_in = [i.name for i in model.graph.input]
     names_out = [o.name for o in model.graph.output]

@@ -51,8 +51,11 @@ def _quiet_exporter():
 
 
 def export_component(spec: ComponentSpec, out_path: Path) -> Path:
-    """Export `spec.module` to `out_path` (FP32, opset `spec.opset`, weights inline)."""
+    """Export `spec.module` to `out_path` (FP32, opset `spec.opset`): weights inline, or
+    in `out_path.data` when they pass export.external.EXTERNAL_THRESHOLD (2 GB protobuf limit)."""
     import torch
+
+    from vlm_export.export.external import EXTERNAL_THRESHOLD, staged_output
 
     feed = spec.example_inputs(EXPORT_BATCH)
     args = tuple(torch.from_numpy(feed[t.name]) for t in spec.inputs)
@@ -68,9 +71,16 @@ def export_component(spec: ComponentSpec, out_path: Path) -> Path:
             optimize=True,
             verbose=False,
         )
-        program.save(str(out_path), external_data=False)
+        with staged_output(out_path) as staged:
+            program.save(str(staged), external_data=_weight_bytes(spec.module) > EXTERNAL_THRESHOLD)
     _strip_source_metadata(out_path)
     return out_path
+
+
+def _weight_bytes(module: "torch.nn.Module") -> int:  # noqa: F821 - torch imported lazily
+    """Bytes of the module's parameters and buffers (shared tensors counted once)."""
+    seen = {t.data_ptr(): t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers())}
+    return sum(seen.values())
 
 
 def _strip_source_metadata(path: Path) -> None:
@@ -96,4 +106,4 @@ def _strip_source_metadata(path: Path) -> None:
     for function in model.functions:
         for node in function.node:
             del node.metadata_props[:]
-    onnx.save(model, str(path))
+    onnx.save(model, str(path))  # the graph only: tensors stored externally keep their location

@@ -30,7 +30,10 @@ def fuse_for_cpu(onnx_path: Path, out_path: Path) -> dict[str, int]:
     model, counts = _fused(ir.load(str(onnx_path)), attention=True)
     if any(node.domain == _INTERMEDIATE_DOMAIN for node in model.graph):
         model, counts = _fused(ir.load(str(onnx_path)), attention=False)
-    ir.save(model, str(out_path))
+    from vlm_export.export.external import data_location, is_large
+
+    # past 2 GB the weights go to one external-data file (export.external)
+    ir.save(model, str(out_path), external_data=data_location(out_path) if is_large(onnx_path) else None)
     return counts
 
 

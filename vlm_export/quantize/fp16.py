@@ -1,5 +1,7 @@
 """FP16 variant with LayerNorm/Softmax and friends kept FP32 and FP32 graph I/O.
 
+Large graphs (export.external) are read with their external data and written with it.
+
 Uses onnxruntime's maintained converter (`onnxruntime.transformers.float16`, the same
 code as onnxconverter-common) rather than our own graph walk. FP32 inputs/outputs mean
 the runtime feeds the same arrays to every variant.
@@ -19,11 +21,17 @@ def to_fp16(fp32_path: Path, out_path: Path, keep_ops: Sequence[str] = DEFAULT_F
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    model = onnx.load(str(fp32_path))
-    converted = convert_float_to_float16(model, keep_io_types=True, op_block_list=list(keep_ops))
+    from vlm_export.export.external import check_model, save_model
+
+    # Shape inference (which the converter needs for its casts) on the graph alone, then the
+    # weights: onnx's in-memory inference serializes the model, impossible past 2 GB.
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(fp32_path), load_external_data=False))
+    onnx.external_data_helper.load_external_data_for_model(model, str(Path(fp32_path).parent))
+    converted = convert_float_to_float16(model, keep_io_types=True, op_block_list=list(keep_ops), disable_shape_infer=True)
+    del model  # the converter edits in place; no second copy of the weights stays alive
     _make_valid(converted)
-    onnx.checker.check_model(converted, full_check=True)
-    onnx.save(converted, str(out_path))
+    save_model(converted, out_path)  # one external-data file when the FP16 weights are large
+    check_model(out_path)  # by path: a graph past 2 GB cannot be checked in memory
     return out_path
 
 

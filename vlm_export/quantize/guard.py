@@ -3,11 +3,11 @@
 Why: users find out on the device that INT8 broke the accuracy. After the static QDQ
 graph is made, the guard checks it against the FP32 graph on held-out calibration
 crops (never the parity images, which stay an honest test). When it misses the
-tolerance it ranks every quantized node by how much the output recovers when only
-that node's activation is left unquantized (one in-memory graph edit and one ORT run
-per node, no re-calibration), then re-quantizes with the worst 1, 2, 4, ... nodes in
-`nodes_to_exclude`, reusing the calibration cache, until the check holds or the
-attempts are spent.
+tolerance it ranks the quantized nodes (guard_rank: one instrumented run finds where
+quantization noise is born, then the few noisiest nodes are measured end to end, so
+the number of sessions does not grow with the node count), then re-quantizes with the
+worst 1, 2, 4, ... nodes in `nodes_to_exclude`, reusing the calibration cache, until
+the check holds or the attempts are spent.
 """
 
 from __future__ import annotations
@@ -18,7 +18,11 @@ from typing import Any, Callable
 
 import numpy as np
 
+from vlm_export.quantize.guard_rank import SHORTLIST, activation_bypasses, rank_nodes
 from vlm_export.recipes import Evaluation
+
+__all__ = ["GuardConfig", "GuardResult", "NodeRanking", "count_candidates", "guard_int8", "rank_nodes", "run_output"]
+
 
 @dataclass(frozen=True)
 class GuardConfig:
@@ -87,50 +91,12 @@ def _latency_b1(path: Path, feed: dict[str, np.ndarray]) -> float:
     return measure(lambda: session.run(None, one), warmup=2, runs=5)["p50_ms"]
 
 
-def _activation_bypasses(model: Any, op_types: tuple[str, ...]) -> dict[str, list[tuple[int, str]]]:
-    """node name → [(input index, float tensor)] for `op_types` nodes' activation Q→DQ inputs."""
-    producers = {out: node for node in model.graph.node for out in node.output}
-    initializers = {t.name for t in model.graph.initializer}
-    bypasses: dict[str, list[tuple[int, str]]] = {}
-    for node in model.graph.node:
-        if node.op_type not in op_types:
-            continue
-        for index, name in enumerate(node.input):
-            dq = producers.get(name)
-            if dq is None or dq.op_type != "DequantizeLinear":
-                continue
-            q = producers.get(dq.input[0])
-            if q is None or q.op_type != "QuantizeLinear" or q.input[0] in initializers:
-                continue  # a weight (stored int8 or Q of a constant), not an activation
-            bypasses.setdefault(node.name, []).append((index, q.input[0]))
-    return bypasses
-
-
-def rank_nodes(model: Any, feed: dict[str, np.ndarray], reference: np.ndarray, output: str,
-               op_types: tuple[str, ...], progress: Callable[[], None] | None = None) -> list[dict[str, float | str]]:
-    """Quantized nodes of a QDQ ModelProto, ordered by the cosine gained when their
-    activation stays float (each node's inputs are restored after its run)."""
-    base = _cosines(reference, run_output(model, feed, output, Evaluation.FLOAT_QDQ))["cosine_mean"]
-    ranking = []
-    nodes = {n.name: n for n in model.graph.node}
-    for name, inputs in _activation_bypasses(model, op_types).items():
-        original = list(nodes[name].input)
-        for index, float_tensor in inputs:
-            nodes[name].input[index] = float_tensor
-        gain = _cosines(reference, run_output(model, feed, output, Evaluation.FLOAT_QDQ))["cosine_mean"] - base
-        for index, tensor in enumerate(original):
-            nodes[name].input[index] = tensor
-        ranking.append({"node": name, "op": nodes[name].op_type, "cosine_gain": float(gain)})
-        if progress:
-            progress()
-    return sorted(ranking, key=lambda r: -float(r["cosine_gain"]))
-
-
 def count_candidates(qdq_path: Path, op_types: tuple[str, ...]) -> int:
-    """How many nodes `rank_nodes` will try (for a progress bar)."""
+    """How many nodes `rank_nodes` will measure end to end (for a progress bar): the
+    shortlist, or fewer when the graph has fewer quantized nodes."""
     import onnx
 
-    return len(_activation_bypasses(onnx.load(str(qdq_path), load_external_data=False), op_types))
+    return min(SHORTLIST, len(activation_bypasses(onnx.load(str(qdq_path), load_external_data=False), op_types)))
 
 
 class NodeRanking:

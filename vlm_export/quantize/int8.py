@@ -48,10 +48,16 @@ def _method_options(config: Int8Config) -> dict[str, object]:
 
 
 def preprocess_for_quantization(fp32_path: Path, out_path: Path) -> Path:
-    """ORT's recommended pre-pass: symbolic shape inference and graph clean-up."""
+    """ORT's recommended pre-pass: symbolic shape inference and graph clean-up.
+
+    A large graph (export.external) keeps its weights in one external-data file."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    quant_pre_process(str(fp32_path), str(out_path), skip_optimization=False)
+    from vlm_export.export.external import data_location, is_large
+
+    large = is_large(fp32_path)
+    quant_pre_process(str(fp32_path), str(out_path), skip_optimization=False, save_as_external_data=large,
+                      all_tensors_to_one_file=True, external_data_location=data_location(out_path) if large else None)
     return out_path
 
 
@@ -85,14 +91,17 @@ def to_int8_qdq(
     """
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
-    with tempfile.TemporaryDirectory(prefix="vlm-export-q-") as tmp, _quiet_root_logger():
+    from vlm_export.export.external import is_large, staged_output
+
+    large = is_large(fp32_path)
+    with tempfile.TemporaryDirectory(prefix="vlm-export-q-") as tmp, _quiet_root_logger(), staged_output(out_path) as staged:
         prepared = preprocess_for_quantization(fp32_path, Path(tmp) / "prepared.onnx")
         exclude = list(config.nodes_to_exclude)
         if not config.quantize_activation_matmuls:
             exclude += activation_matmuls(prepared)
         quantize_static(
             str(prepared),
-            str(out_path),
+            str(staged),
             reader,
             quant_format=QuantFormat.QDQ,
             op_types_to_quantize=list(config.op_types),
@@ -108,12 +117,15 @@ def to_int8_qdq(
                 # into the bias Add, as TensorRT fuses them (ModelOpt's layout too).
                 "OpTypesToExcludeOutputQuantization": list(config.op_types),
                 **_method_options(config),
-                # ORT's histogram calibrators stack every run's activations into one
-                # array; runs of different shapes (ragged samples, a short last batch)
-                # must then be collected one run at a time (ranges merge across runs).
-                **({"CalibStridedMinMax": 1} if reader.shapes_vary() else {}),
+                # One feed at a time (ranges and histograms merge across runs): ORT's
+                # calibrators otherwise keep every run's activations until the end, so
+                # memory grew with --calibration-size, and its histogram calibrators
+                # stack them into one array, which runs of different shapes (ragged
+                # samples, a short last batch) cannot be.
+                "CalibStridedMinMax": 1,
             },
             calibration_cache_path=str(cache_path) if cache_path else None,
+            use_external_data_format=large,  # calibration's augmented graph too, past 2 GB
         )
     if cache_path is not None and Path(cache_path).is_file():
         _canonical_json(Path(cache_path))
@@ -149,18 +161,21 @@ def to_int8_cpu(
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    from vlm_export.export.external import is_large, staged_output
     from vlm_export.quantize.cpu_fusions import fuse_for_cpu
 
-    with tempfile.TemporaryDirectory(prefix="vlm-export-q-") as tmp, _quiet_root_logger():
+    large = is_large(fp32_path)
+    with tempfile.TemporaryDirectory(prefix="vlm-export-q-") as tmp, _quiet_root_logger(), staged_output(out_path) as staged:
         prepared = Path(tmp) / "fused.onnx"
         fuse_for_cpu(fp32_path, prepared)
         quantize_dynamic(
             str(prepared),
-            str(out_path),
+            str(staged),
             op_types_to_quantize=["MatMul"],
             per_channel=True,
             reduce_range=reduce_range,
             weight_type=QuantType.QUInt8 if unsigned_weights else QuantType.QInt8,
             nodes_to_exclude=list(nodes_to_exclude),
+            use_external_data_format=large,
         )
     return out_path

@@ -275,7 +275,8 @@ def _ranking_table(comp: str, ranking: list[dict[str, Any]], kept: set[str], top
         _cells(i + 1, r.get("node"), r.get("op"), r.get("cosine_gain"), Cell("float", Status.PASS) if r.get("node") in kept else "int8")
         for i, r in enumerate(ranking[:top])
     )
-    note = f"Top {len(rows)} of {len(ranking)} nodes: cosine gained when that node alone stays in float."
+    note = (f"Top {len(rows)} of the {len(ranking)} shortlisted nodes (the noisiest in one instrumented run): "
+            "cosine gained when that node alone stays in float.")
     return Table(f"INT8 guard sensitivity: {comp}", ("rank", "node", "op", "cos gain", "kept as"), rows, note)
 
 

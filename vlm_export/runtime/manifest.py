@@ -44,6 +44,7 @@ class ExternalFile:
     file: str  # relative to the bundle root
     path: Path  # resolved, inside the bundle
     sha256: str
+    bytes: int | None = None  # size at build time: a truncated copy is named before hashing gigabytes
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,7 @@ def _variant(root: Path, key: str, entry: VariantEntry) -> Variant:
     return Variant(
         key=key, precision=entry.precision, path=resolve_inside(root, entry.onnx), sha256=entry.sha256,
         providers=entry.providers, recipe=entry.recipe or "", parity_passed=entry.parity_passed,
-        external_data=tuple(ExternalFile(e.file, resolve_inside(root, e.file), e.sha256) for e in entry.external_data),
+        external_data=tuple(ExternalFile(e.file, resolve_inside(root, e.file), e.sha256, e.bytes) for e in entry.external_data),
         entry=entry,
     )
 
@@ -138,5 +139,9 @@ def check_external_data(variant: Variant) -> None:
         if resolve_external(variant.path, location, variant.path.parent) not in listed:
             raise BundleError(f"'{variant.path}' uses external data '{location}' that the manifest does not list; rebuild the bundle")
     for entry in variant.external_data:
-        if sha256_file(regular_file(entry.path, "external-data file")) != entry.sha256:
+        size = regular_file(entry.path, "external-data file").stat().st_size
+        if entry.bytes is not None and size != entry.bytes:
+            raise BundleError(f"external-data file '{entry.path}' is {size} bytes, the manifest lists {entry.bytes} "
+                              "(truncated or replaced); re-copy the bundle")
+        if sha256_file(entry.path) != entry.sha256:
             raise BundleError(f"checksum mismatch for external-data file '{entry.path}'; the bundle was modified after it was built")
