@@ -71,16 +71,20 @@ def _write_bench(bundle: Path, provider: str, entry: dict[str, Any], output: Opt
 def _bench_rows(bundle: Path, provider: str, batches: list[int], runs: int, variants: Optional[list[str]], target: Optional[str],
                 threads: Optional[int], conditions: Optional[list[dict[str, Any]]] = None) -> list[dict[str, Any]]:
     """Per component and batch size, every variant measured in interleaved rounds
-    (verify.latency): absolute p50/p90/p99 and the median per-round ratio to the fp32
-    variant (`vs`, with its quartiles). Each measurement's machine state is appended to
+    (verify.latency): absolute p50/p90/p99, the median per-round ratio to the fp32
+    variant (`vs`, with its quartiles), and on the CPU provider the achieved GMAC/s and
+    fraction of the CPU's peak for the variant's precision (verify.efficiency). Each measurement's machine state is appended to
     `conditions`. Sizes of symbolic dims other than batch: the opt of `target`'s engine
     profile, else the opt the family declared for the component (manifest `dims`)."""
     from vlm_export.engines import get_target, symbol_sizes
     from vlm_export.runtime import load
+    from vlm_export.runtime.cpu import default_threads
     from vlm_export.runtime.manifest import read_manifest
+    from vlm_export.verify.efficiency import PEAK_PRECISION, achieved, peaks_for, variant_macs
     from vlm_export.verify.latency import interleaved, split_runs
 
     manifest = read_manifest(bundle)
+    peaks = peaks_for(threads) if provider == "cpu" else {}
     rounds, per_round = split_runs(runs)
     rows = []
     for component in manifest.components:
@@ -91,18 +95,22 @@ def _bench_rows(bundle: Path, provider: str, batches: list[int], runs: int, vari
             continue
         models = {key: load(bundle, provider=provider, variant=key, components=[component], threads=threads, target=target)
                   for key in keys}
+        paths = manifest.variants(component)
+        macs = {key: variant_macs(paths[key].path, {k: v for k, v in sizes.items() if k != "batch"}) for key in keys}
         base = "fp32" if "fp32" in keys else keys[0]
         for batch in batches:
             feed = bench_feed([t.to_json() for t in comp.inputs], batch, sizes)
             measured = interleaved({key: (lambda m=m: m.run(feed, component)) for key, m in models.items()}, rounds, per_round,
-                                   ort_threads=threads)
+                                   ort_threads=threads or default_threads())
             if conditions is not None:
                 conditions.append(measured.conditions_json())
             for key in keys:
-                stats = measured.stats[key]
-                rows.append({"component": component, "variant": key, "precision": comp.variants[key].precision,
+                stats, precision = measured.stats[key], comp.variants[key].precision
+                per_image = (macs[key] or {}).get("per_image")
+                rows.append({"component": component, "variant": key, "precision": precision,
                              "batch": batch, **stats, "throughput_per_s": batch * 1e3 / stats["p50_ms"],
-                             "vs": {"baseline": base, **measured.ratio(base, key)}})
+                             "vs": {"baseline": base, **measured.ratio(base, key)}, "macs_per_image": per_image,
+                             **achieved(per_image, batch, stats["p50_ms"], peaks.get(PEAK_PRECISION.get(precision, "fp32")))})
     if not rows:
         raise InputError(f"no variant of '{bundle}' matches --variants {','.join(variants or [])}")
     return rows
@@ -177,6 +185,8 @@ def bench(
     from rich.console import Console
     from rich.table import Table
 
+    from vlm_export.verify.efficiency import format_efficiency, peaks_for
+
     _check_ranges(runs, threads)
     batches = _parse_batches(batch)
     measured: list[dict[str, Any]] = []
@@ -184,18 +194,21 @@ def bench(
     conditions = merge_conditions(measured)
     method = conditions.get("method") or {}
     table = Table(title=f"{bundle} on {provider}: {method.get('rounds')} interleaved rounds × {method.get('runs_per_round')} runs per row")
-    for col in ("component", "variant", "batch", "p50 ms", "p90 ms", "p99 ms", "items/s", "× base (IQR)"):
+    for col in ("component", "variant", "batch", "p50 ms", "p90 ms", "p99 ms", "items/s", "× base (IQR)", "GMAC/s, % of peak"):
         table.add_column(col, no_wrap=True)
     for r in rows:
         vs = r["vs"]
         ratio = "unreliable" if conditions.get("busy") else f"{vs['median']:.2f}× ({vs['q1']:.2f}–{vs['q3']:.2f}) vs {vs['baseline']}"
         table.add_row(r["component"], r["variant"], str(r["batch"]), f"{r['p50_ms']:.2f}", f"{r['p90_ms']:.2f}", f"{r['p99_ms']:.2f}",
-                      f"{r['throughput_per_s']:.1f}", ratio)
-    console = Console() if Console().is_terminal else Console(width=140)
+                      f"{r['throughput_per_s']:.1f}", ratio, format_efficiency(r))
+    console = Console() if Console().is_terminal else Console(width=170)
     console.print(table)
+    peaks = peaks_for(threads) if provider == "cpu" else {}
+    for peak in peaks.values():
+        typer.echo(f"{peak.describe()}")
     if conditions.get("busy"):
         typer.echo(f"warning: the machine was busy ({conditions['busy']}): these figures are unreliable; re-run on a quiet machine", err=True)
     entry = {"measured_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "onnxruntime": ort.__version__,
              "machine": f"{platform.machine()} {platform.processor() or platform.system()}", "threads": threads, "runs": runs,
-             "conditions": conditions, "results": rows}
+             "conditions": conditions, "results": rows, "peaks": {k: p.to_json() for k, p in peaks.items()}}
     _save(bundle, provider, entry, output)

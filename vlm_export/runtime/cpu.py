@@ -68,3 +68,38 @@ def int8_cpu_warning(recipe: str, verdict_cpu: dict[str, Any] | None, here: dict
         return None
     return (f"this INT8 CPU variant ({recipe}) was verified on {built.get('model', 'another CPU')}; {where}: "
             "rebuild the bundle with this vlm-export (reduce-range weights) to get a verdict that holds here")
+
+
+def physical_cores(cpuinfo_text: str, lscpu_text: str = "") -> int | None:
+    """Physical cores: lscpu sockets × cores per socket, else distinct (physical id, core id)
+    pairs of /proc/cpuinfo; None when neither says. Why: SMT siblings share a core's vector
+    units, so a matrix-bound run gains nothing from a thread per sibling."""
+    import re
+
+    sockets = re.search(r"^Socket\(s\):\s*(\d+)", lscpu_text, re.MULTILINE)
+    per_socket = re.search(r"^Core\(s\) per socket:\s*(\d+)", lscpu_text, re.MULTILINE)
+    if sockets and per_socket:
+        return int(sockets.group(1)) * int(per_socket.group(1))
+    pairs, physical = set(), "0"
+    for line in cpuinfo_text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "physical id":
+            physical = value.strip()
+        elif key == "core id":
+            pairs.add((physical, value.strip()))
+    return len(pairs) or None
+
+
+@functools.lru_cache(maxsize=1)
+def default_threads() -> int:
+    """Intra-op threads for a CPU session: this machine's physical cores, at most the CPUs
+    this process may run on (a container's or taskset's affinity), at least 1."""
+    import os
+
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        text = ""
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(physical_cores(text) or allowed, allowed))
