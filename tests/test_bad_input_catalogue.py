@@ -125,7 +125,7 @@ BUILD_CASES: list[Case] = [
     ("calibration-size-negative", lambda c: c.build(c.vit_dir, "--calibration-size", "-5"), ("--calibration-size",)),
     ("int8-guard-maybe", lambda c: c.build(c.vit_dir, "--int8-guard", "maybe"), ("--int8-guard", "maybe")),
     ("precision-empty", lambda c: c.build(c.vit_dir, "--precision", ""), ("--precision",)),
-    ("precision-mixed-unknown", lambda c: c.build(c.vit_dir, "--precision", "fp16,int4"), ("--precision", "int4")),
+    ("precision-mixed-unknown", lambda c: c.build(c.vit_dir, "--precision", "fp16,int3"), ("--precision", "int3")),
     ("calibration-folder-missing", lambda c: c.build(c.vit_dir, "--calibration", str(c.tmp / "nowhere")), ("nowhere",)),
     ("parity-folder-without-images", lambda c: c.build(c.vit_dir, "--parity-images", str(_folder_of_text(c))), ("--parity-images",)),
     ("out-parent-missing", lambda c: ["build", str(c.vit_dir), "-o", str(c.tmp / "no" / "such" / "out")], ("-o", "does not exist")),

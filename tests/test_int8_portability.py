@@ -220,3 +220,30 @@ def test_verdicts_are_the_same_on_avx2_without_vnni(vit_bundle: Path, photo_dir:
     scale = float(np.abs(here_cpu).max())
     assert np.abs(avx2_cpu - here_cpu).max() <= 1e-5 * scale
     assert np.abs(avx2_qdq - here_qdq).max() <= 1e-5 * scale
+
+
+@needs_qemu
+def test_weight_only_kernels_agree_on_avx2_without_vnni(tmp_path: Path) -> None:
+    """The language model's MatMulNBits recipes (int4/int8-wo; "-acc4" quantizes activations
+    to int8 inside the kernel) give this CPU's numbers on Haswell too, outliers included:
+    4- and 8-bit weights times int8 activations never reach AVX2's int16 pair-sum limit."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from vlm_export.quantize.weight_only import CONFIGS, to_weight_only
+
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array((rng.standard_normal((512, 256)) * 0.05).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "lm_matmul",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 512])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 256])], [weight])
+    fp32 = tmp_path / "fp32.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(fp32))
+    x = (rng.standard_normal((4, 512)) * 3).astype(np.float32)
+    x[0, :8] = 40.0  # an activation outlier, as LLM hidden states have
+    graphs = [(to_weight_only(fp32, tmp_path / f"{key}.onnx", config), "ORT_ENABLE_ALL") for key, config in CONFIGS.items()]
+    assert any(CONFIGS[key].accuracy_level == 4 for key in CONFIGS)  # the ISA-dependent path is covered
+    here = [integer_kernel_session(path).run(None, {"x": x})[0] for path, _ in graphs]
+    for key, ours, avx2 in zip(CONFIGS, here, _on_haswell(tmp_path, x, graphs)):
+        assert np.abs(avx2 - ours).max() <= 1e-5 * float(np.abs(ours).max()), key

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +16,12 @@ import numpy as np
 
 from vlm_export.bundle import BundleWriter
 from vlm_export.bundle.schema import Component, ExternalData, Manifest, TensorEntry, VariantEntry
+from vlm_export.calibration.stream import CalibrationStream
 from vlm_export.engines.plan import record_ep_plans
 from vlm_export.errors import InputError
 from vlm_export.families import ComponentSpec, LoadedModel, detect
 from vlm_export.progress import Reporter, SilentReporter
-from vlm_export.quantize import CalibrationMethod, FeedReader, Int8Config, batched_feeds, to_fp16, to_int8_cpu, to_int8_qdq
+from vlm_export.quantize import CalibrationMethod, FeedReader, Int8Config, to_fp16, to_int8_cpu, to_int8_qdq
 from vlm_export.recipes import PRECISIONS, RECIPES, recipe
 from vlm_export.verify import ParityRecord
 
@@ -38,7 +40,7 @@ class BuildOptions:
 
     model_dir: Path
     out: Path
-    precisions: tuple[str, ...] = PRECISIONS
+    precisions: tuple[str, ...] = ("fp32", "fp16", "int8")  # the CLI default; "int4" is asked for
     calibration_dir: Path | None = None  # None: the default set of package photos
     calibration_size: int = 128
     calibration_method: CalibrationMethod = CalibrationMethod.MINMAX
@@ -96,31 +98,22 @@ GUARD_SAMPLES = 8
 
 @dataclass(frozen=True)
 class CalibrationData:
-    samples: dict[str, np.ndarray]  # model inputs the ranges are calibrated on
+    stream: CalibrationStream  # model inputs the ranges are calibrated on, made a batch at a time
     check: dict[str, np.ndarray]  # other crops of the same photos, for the INT8 guard
+
+    @cached_property
+    def samples(self) -> dict[str, Any]:
+        """Every calibration sample at once (benchmarks); the build itself streams `stream`."""
+        return self.stream.materialize()
 
 
 def _calibration_data(opts: BuildOptions, family: Any, loaded: LoadedModel, reporter: Reporter) -> CalibrationData:
     from vlm_export.calibration.augment import random_resized_crops
 
     photos = [img for _, img in _images(opts.calibration_dir, "--calibration", "calibration", reporter)]
-    samples = random_resized_crops(photos, opts.calibration_size, seed=opts.seed)
+    stream = CalibrationStream(photos, opts.calibration_size, lambda images: family.sample_inputs(loaded, images), seed=opts.seed)
     check = random_resized_crops(photos, GUARD_SAMPLES + len(photos), seed=opts.seed + 1)[len(photos):]
-    return CalibrationData(_preprocess(family, loaded, samples, reporter), family.sample_inputs(loaded, check))
-
-
-def _preprocess(family: Any, loaded: LoadedModel, samples: list[Any], reporter: Reporter) -> dict[str, np.ndarray]:
-    with reporter.task("Preparing calibration samples", total=len(samples)) as task:
-        feeds = []
-        for i in range(0, len(samples), 16):
-            feeds.append(family.sample_inputs(loaded, samples[i : i + 16]))
-            task.advance(len(samples[i : i + 16]))
-    return {k: _join_samples([f[k] for f in feeds]) for k in feeds[0]}
-
-
-def _join_samples(chunks: list[Any]) -> Any:
-    """Stacked chunks concatenate along the sample axis; ragged ones (lists) chain."""
-    return [a for chunk in chunks for a in chunk] if isinstance(chunks[0], list) else np.concatenate(chunks)
+    return CalibrationData(stream, family.sample_inputs(loaded, check))
 
 
 def _build_variants(
@@ -138,15 +131,19 @@ def _build_variants(
     if "fp16" in opts.precisions:
         with reporter.task(f"[{spec.name}] FP16 (norms kept FP32)"):
             paths["fp16"] = to_fp16(paths["fp32"], writer.path(f"{base}.fp16.onnx"))
+    if spec.weight_only:
+        from vlm_export.quantize.weight_only import build_weight_only
+
+        paths.update(build_weight_only(spec, paths["fp32"], writer, opts.precisions, reporter))
     if "int8" in opts.precisions and calib is not None and spec.int8:
-        feed = {t.name: calib.samples[t.name] for t in spec.inputs}
-        reader = FeedReader(batched_feeds(feed, 8))
+        stream = calib.stream.for_inputs([t.name for t in spec.inputs])
+        reader = FeedReader(stream)  # lazy: one batch of preprocessed samples alive at a time
         config = Int8Config(method=opts.calibration_method)
         if config.method is CalibrationMethod.AUTO:
-            from vlm_export.quantize.method_choice import choose_method
+            from vlm_export.quantize.method_choice import SUBSET, choose_method
 
             with reporter.task(f"[{spec.name}] comparing minmax / entropy / percentile calibration"):
-                choice = choose_method(paths["fp32"], feed, {t.name: calib.check[t.name] for t in spec.inputs}, spec.parity_output, config)
+                choice = choose_method(paths["fp32"], stream.head(SUBSET), {t.name: calib.check[t.name] for t in spec.inputs}, spec.parity_output, config)
             methods[spec.name] = choice
             config = Int8Config(method=CalibrationMethod(choice["chosen"]))
             reporter.note(f"[{spec.name}] calibration method: {choice['chosen']} won")
@@ -259,14 +256,27 @@ def _component_manifest(
             external_data=tuple(ExternalData(**e) for e in external_data_entries(path, writer.staging)),
             parity_passed=passed.get(key),
         )
-    skipped = [key for key, made in RECIPES.items() if made.precision == "int8" and key not in paths]
     return Component(
         variants=variants,
         inputs=tuple(TensorEntry(t.name, t.dtype, t.shape) for t in spec.inputs),
         outputs=tuple(TensorEntry(t.name, t.dtype, t.shape) for t in spec.outputs),
         dims=dict(spec.dims), parity_output=spec.parity_output, parity_kind=spec.parity_kind.value, opset=spec.opset,
-        fp32_fallback=tuple(skipped) if not spec.int8 and "int8" in precisions else None,
+        fp32_fallback=_fp32_fallback(spec, paths, precisions),
     )
+
+
+def _fp32_fallback(spec: ComponentSpec, paths: dict[str, Path], precisions: tuple[str, ...]) -> tuple[str, ...] | None:
+    """Variant keys asked for but not built for this component, which the runtime runs as FP32:
+    INT8 of a component that opts out of it, INT4 (weight-only) of one that is not a language model."""
+    from vlm_export.quantize.weight_only import CONFIGS
+
+    built = {recipe(key).precision for key in paths}
+    keys = []
+    if not spec.int8 and "int8" in precisions and "int8" not in built:
+        keys += [key for key, made in RECIPES.items() if made.precision == "int8" and key not in CONFIGS]
+    if "int4" in precisions and "int4" not in built:
+        keys += [key for key, made in RECIPES.items() if made.precision == "int4"]
+    return tuple(keys) or None
 
 
 def build(opts: BuildOptions, reporter: Reporter | None = None) -> BuildResult:

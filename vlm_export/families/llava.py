@@ -24,7 +24,10 @@ import numpy as np
 from vlm_export.errors import UnsupportedModelError
 from vlm_export.families.base import ComponentSpec, LoadedModel, TensorSpec
 from vlm_export.families.common import crop_hw, load_image_processor, pixel_values, vision_component
-from vlm_export.families.loading import load_pretrained, read_config
+from vlm_export.families.generation_parity import generation_parity, image_features
+from vlm_export.families.llava_language import attach_language, language_components, language_parts, language_samples
+from vlm_export.families.loading import read_config
+from vlm_export.families.safetensors_parts import load_parts
 
 if TYPE_CHECKING:
     from vlm_export.verify import ParityRecord
@@ -32,6 +35,9 @@ if TYPE_CHECKING:
 # Vision towers whose LLaVA export is supported, by the vision_config's model_type; the
 # value says whether the tower puts a CLS token before the patches.
 SUPPORTED_TOWERS: dict[str, bool] = {"clip_vision_model": True, "siglip_vision_model": False}
+# The modules whose weights the export reads; the language model is never read (a 7B one
+# would need ~28 GB in FP32 to export a 0.3 B-parameter tower): safetensors_parts.
+VISION_PARTS = ("model.vision_tower", "model.multi_modal_projector")
 STRATEGIES = ("default", "full")
 
 
@@ -46,7 +52,7 @@ class LlavaFamily:
 
         config_json = read_config(model_dir)
         tower_type = _check_config(config_json, model_dir)
-        model = load_pretrained(model_dir, "LlavaForConditionalGeneration")
+        model = load_parts(model_dir, "LlavaForConditionalGeneration", VISION_PARTS + language_parts(model_dir))
         processor = load_image_processor(model_dir)
         preprocess = preprocess_config_from_processor(processor)
         check_input_size(preprocess, model_dir, model.config.vision_config)
@@ -63,7 +69,7 @@ class LlavaFamily:
             "vision_feature_layer": list(layers) if isinstance(cfg.vision_feature_layer, (list, tuple)) else layers[0],
             "vision_feature_select_strategy": str(cfg.vision_feature_select_strategy),
         }
-        return LoadedModel(
+        return attach_language(LoadedModel(
             family=self.name,
             model=model,
             model_dir=model_dir,
@@ -71,7 +77,7 @@ class LlavaFamily:
             preprocess=preprocess,
             extra={"processor": processor, "layers": layers},
             manifest_extra={"llm": llm},
-        )
+        ))
 
     def components(self, loaded: LoadedModel) -> list[ComponentSpec]:
         cfg = loaded.model.config
@@ -85,10 +91,13 @@ class LlavaFamily:
                 outputs=(TensorSpec("image_features", "float32", ("batch", llm["tokens_per_image"], llm["hidden_size"])),),
                 parity_output="image_features",
             )
-        ]
+        ] + language_components(loaded)
 
     def sample_inputs(self, loaded: LoadedModel, images: Sequence[Any]) -> dict[str, np.ndarray]:
-        return {"pixel_values": pixel_values(loaded.extra["processor"], images)}
+        feed = {"pixel_values": pixel_values(loaded.extra["processor"], images)}
+        if "lm_step" in loaded.extra:  # the language model's mid-answer state for these images
+            feed |= language_samples(loaded, image_features(loaded, feed["pixel_values"]))
+        return feed
 
     def end_to_end_parity(
         self, loaded: LoadedModel, variants: Mapping[str, Mapping[str, Path]], images: Sequence[Any]
@@ -99,7 +108,7 @@ class LlavaFamily:
         from vlm_export.verify import CompareFunc, check_variants
         from vlm_export.verify.evaluation import verdict_session
 
-        feed = self.sample_inputs(loaded, images)
+        feed = {"pixel_values": pixel_values(loaded.extra["processor"], images)}
         cfg = loaded.model.config
 
         def reference() -> np.ndarray:
@@ -113,8 +122,9 @@ class LlavaFamily:
 
         paths = variants.get("vision_projector", {})
         compare = CompareFunc.features(rows=True, rows_per_sample=int(loaded.manifest_extra["llm"]["tokens_per_image"]))
-        return check_variants("get_image_features", paths, reference,
-                              lambda key: verdict_session(paths[key], key).run(["image_features"], feed)[0], compare)
+        records = check_variants("get_image_features", paths, reference,
+                                 lambda key: verdict_session(paths[key], key).run(["image_features"], feed)[0], compare)
+        return records + generation_parity(loaded, variants, images)
 
 
 def _check_config(config: Mapping[str, Any], model_dir: Path) -> str:

@@ -21,7 +21,9 @@ from vlm_export.errors import BundleError, InputError, UnsupportedModelError
 from vlm_export.bundle.schema import AxisKind, DimRange, DimSpec
 from vlm_export.families.base import ComponentSpec, LoadedModel, ParityKind, TensorSpec
 from vlm_export.families.common import load_image_processor
-from vlm_export.families.loading import load_pretrained, read_config
+from vlm_export.families.loading import read_config
+from vlm_export.families.qwen2_vl_language import attach_language, generation_parity, language_components, language_parts, language_samples
+from vlm_export.families.safetensors_parts import load_parts
 from vlm_export.runtime.preprocess import RESAMPLE
 from vlm_export.runtime.qwen2_vl import PatchRange, Qwen2VLPreprocessConfig, Qwen2VLPreprocessor, vision_feed
 
@@ -30,6 +32,8 @@ if TYPE_CHECKING:
 
 # (width, height) of the per-resolution parity check: square, 4:3 both ways, large, tall, wide.
 PARITY_SIZES: tuple[tuple[int, int], ...] = ((224, 224), (448, 336), (640, 480), (896, 896), (280, 1120), (1120, 280))
+# The module whose weights the export reads; the language model is never read (safetensors_parts).
+VISION_PARTS = ("model.visual",)
 
 
 def _attention(attn: Any, x: Any, cos: Any, sin: Any, bias: Any) -> Any:
@@ -164,12 +168,12 @@ class Qwen2VLFamily:
 
     def load(self, model_dir: Path) -> LoadedModel:
         config_json = read_config(model_dir)
-        model = load_pretrained(model_dir, "Qwen2VLForConditionalGeneration")
+        model = load_parts(model_dir, "Qwen2VLForConditionalGeneration", VISION_PARTS + language_parts(model_dir))
         processor = load_image_processor(model_dir)
         visual = model.model.visual
         preprocess = preprocess_config(processor, visual.config)
         inv_freq = visual.rotary_pos_emb.inv_freq.detach().float().numpy()
-        return LoadedModel(
+        return attach_language(LoadedModel(
             family=self.name,
             model=model,
             model_dir=model_dir,
@@ -180,7 +184,7 @@ class Qwen2VLFamily:
                 "patch_range": {**PatchRange.from_config(preprocess).to_dict(), "component": "vision", "symbol": "patches"},
                 "vision_rotary": {"inv_freq": [float(v) for v in inv_freq], "rope_type": "axial"},
             },
-        )
+        ))
 
     def components(self, loaded: LoadedModel) -> list[ComponentSpec]:
         visual = loaded.extra["visual"]
@@ -212,7 +216,7 @@ class Qwen2VLFamily:
                 # images are concatenated along the patches).
                 dims={"patches": DimSpec(AxisKind.PATCHES, DimRange(**PatchRange.from_config(pre).to_dict()))},
             )
-        ]
+        ] + language_components(loaded)
 
     def image_inputs(self, loaded: LoadedModel, image: Any) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """One image through the model's own processor → the vision feed and its grid_thw."""
@@ -229,7 +233,7 @@ class Qwen2VLFamily:
             feed, _ = self.image_inputs(loaded, image)
             for name, array in feed.items():
                 samples.setdefault(name, []).append(array)
-        return samples
+        return samples | language_samples(loaded, self, images)
 
     def end_to_end_parity(
         self, loaded: LoadedModel, variants: Mapping[str, Mapping[str, Path]], images: Sequence[Any]
@@ -239,7 +243,8 @@ class Qwen2VLFamily:
         Why against the model and not the wrapper: this also proves that the wrapper and
         the numpy rotary/segments reproduce the real visual module at every size.
         """
-        return resolution_parity(self, loaded, variants["vision"], images, PARITY_SIZES)
+        return resolution_parity(self, loaded, variants["vision"], images, PARITY_SIZES) + \
+            generation_parity(loaded, self, variants, images)
 
 
 def resolution_parity(

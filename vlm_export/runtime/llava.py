@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from vlm_export.errors import BundleError
+from vlm_export.errors import BundleError, InputError
 from vlm_export.runtime.model import BundleModel, ComponentRunner
 from vlm_export.runtime.session import Provider
 
@@ -52,3 +52,27 @@ class LlavaModel(BundleModel):
         return features[0] if single else features
 
     embed = image_features
+
+    def generate(self, image: Any, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+                 stop: str | list[str] | None = None, stream: bool = False, raw: bool = False, seed: int | None = 0,
+                 use_cache: bool = True) -> Any:
+        """The answer to `prompt` about one image: text, or an iterator of text pieces when
+        `stream`. Greedy at temperature 0 (the default); sampling is seeded. The bundle's chat
+        template is applied unless `raw` (then `prompt` must hold the image token). The
+        ids, per-step times and time to first token stay in `last_generation`.
+        Defaults to 64 new tokens, greedy, no stop strings, KV cache on.
+        """
+        from vlm_export.runtime.generate import Sampling, Trace
+        from vlm_export.runtime.generate_llava import LanguageSide, answer
+
+        sampling = Sampling.checked(max_new_tokens, temperature, top_p, seed, stop)
+        if "language_model" not in self.runners:
+            raise InputError("this model was loaded without its language_model component; drop components=... "
+                             "(or rebuild the bundle from a checkpoint with tokenizer files)")
+        if getattr(self, "_language", None) is None:
+            self._language = LanguageSide.from_manifest(self.manifest, self.runners["language_model"])
+        features = self.image_features(image)
+        if features.ndim != 2:
+            raise InputError("generate takes one image (a path, PIL image or array), not a list")
+        self.last_generation = Trace()
+        return answer(self._language, features, prompt, sampling, raw, stream, self.last_generation, use_cache)

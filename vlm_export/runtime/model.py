@@ -48,7 +48,10 @@ class ComponentRunner:
         self, variant: Variant, provider: Provider, threads: int | None = None, trt_options: dict[str, Any] | None = None
     ) -> None:
         self.variant = variant
-        self.session = create_session(variant.path, provider, threads, trt_options)
+        # The CPU's optimised graph is cached outside the bundle (runtime.ort_cache); not for
+        # variants with external data, which onnxruntime would have to re-split.
+        cache_key = variant.sha256 if not variant.external_data else None
+        self.session = create_session(variant.path, provider, threads, trt_options, cache_key=cache_key)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.last_inference_ms = 0.0
@@ -182,7 +185,7 @@ def _runner(manifest: Manifest, name: str, chosen: Variant, prov: Provider, thre
     if prov is Provider.TENSORRT:
         from vlm_export.runtime.trt_runner import create_runner
 
-        return create_runner(manifest.root, entry, variant=chosen, where=where)
+        return create_runner(manifest.root, entry, variant=chosen, where=where, target=target)
     options = None
     if prov is Provider.TENSORRT_EP and target is not None and entry.for_tensorrt:
         from vlm_export.runtime.tensorrt import recorded_ep_options

@@ -304,6 +304,31 @@ class Qwen2VLModel(BundleModel):
         """Same as `image_features`: what `describe` summarises."""
         return self.image_features(images)
 
+    def generate(self, image: ImageSource, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_p: float = 1.0, stop: str | list[str] | None = None, stream: bool = False, raw: bool = False,
+                 seed: int | None = 0, use_cache: bool = True) -> Any:
+        """The answer about one image (runtime.generate_qwen2_vl; same arguments as LLaVA's
+        `generate`). Defaults to 64 new tokens, greedy, KV cache on."""
+        from vlm_export.runtime.generate import Sampling, Trace
+        from vlm_export.runtime.generate_llava import LanguageConfig
+        from vlm_export.runtime.generate_qwen2_vl import MropeLanguageSide, answer
+
+        sampling = Sampling.checked(max_new_tokens, temperature, top_p, seed, stop)
+        if "language_model" not in self.runners:
+            raise InputError("this model was loaded without its language_model component; drop components=... "
+                             "(or rebuild the bundle from a checkpoint with tokenizer files)")
+        if getattr(self, "_language", None) is None:
+            config = LanguageConfig.from_section(self.manifest.data.get("generation"))
+            template = self.manifest.file(config.chat_template).read_text(encoding="utf-8") if config.chat_template else None
+            table = np.load(self.manifest.file(config.embed_tokens), mmap_mode="r", allow_pickle=False)
+            self._language = MropeLanguageSide(config, self.runners["language_model"], self.manifest.file(config.tokenizer), table, template)
+            self._language.merge_size = self.preprocessor.config.merge_size
+        patches, grid = self.prepare(image)
+        feed = vision_feed(patches, grid[None], self.preprocessor.config.merge_size, self.inv_freq)
+        features = self.run(feed, "vision")[str(self.component.parity_output)]
+        self.last_generation = Trace()
+        return answer(self._language, features, grid[None], prompt, sampling, raw, stream, self.last_generation, use_cache)
+
     def _pack(self, prepared: list[tuple[np.ndarray, np.ndarray]]) -> list[list[tuple[np.ndarray, np.ndarray]]]:
         """Consecutive images grouped so that each run holds at most `patch_range.max` patches."""
         groups: list[list[tuple[np.ndarray, np.ndarray]]] = [[]]
