@@ -97,3 +97,12 @@ def test_bench_reports_gmacs_from_the_graph_count(vit_bundle: Path, tiny_vit_dir
         precision = "int8" if row["variant"] == "int8-cpu" else "fp32"
         assert row["peak_fraction"] == pytest.approx(row["gmacs"] / peaks[precision]["gmacs"])
     assert "GMAC/s" in done.output and "of peak" in done.output
+
+
+def test_a_fraction_above_the_peak_blames_the_assumed_clock() -> None:
+    from vlm_export.verify.efficiency import format_efficiency
+
+    assert format_efficiency({"gmacs": 41.25, "peak_fraction": 0.25}) == "41.2 GMAC/s, 25% of peak"
+    assert format_efficiency({"gmacs": 199.4, "peak_fraction": 1.2}) == (
+        "199.4 GMAC/s, above the assumed peak (120%): the clock runs faster than assumed")
+    assert format_efficiency({"gmacs": None, "peak_fraction": None}) == "n/a, peak n/a"

@@ -46,8 +46,17 @@ def peaks_for(threads: Optional[int]) -> dict[str, CpuPeak]:
 
 
 def format_efficiency(values: Mapping[str, Any]) -> str:
-    """"41.2 GMAC/s, 25% of peak" (or "n/a" parts)."""
+    """"41.2 GMAC/s, 25% of peak" (or "n/a" parts).
+
+    Above 100 % the peak is wrong, not the run: the clock was assumed (a VM reports no max
+    frequency) and the core boosts past it; say so rather than print an impossible figure.
+    """
     gmacs, fraction = values.get("gmacs"), values.get("peak_fraction")
     left = f"{gmacs:.1f} GMAC/s" if gmacs else "n/a"
-    right = f"{fraction:.0%} of peak" if fraction else "peak n/a"
+    if not fraction:
+        right = "peak n/a"
+    elif fraction > 1.0:
+        right = f"above the assumed peak ({fraction:.0%}): the clock runs faster than assumed"
+    else:
+        right = f"{fraction:.0%} of peak"
     return f"{left}, {right}"
