@@ -4,7 +4,7 @@ Why: issue 16 asks that the whole build grow no faster than linearly in paramete
 that peak RSS stay within 4× the component's FP32 size. Each model is written as a
 random-weight checkpoint at its published configuration, then built (fp32, fp16, int8)
 in a child process of its own, so its peak RSS is the build's alone; the child records
-each stage's wall time (the build's own progress tasks) and ru_maxrss. One JSON line
+each stage's wall time (the build's own progress tasks) and its VmHWM. One JSON line
 per model is appended to --out, so a long run can be stopped and resumed (models
 already in --out are skipped unless --again). The plot and the fitted exponents
 (log time / log RSS against log parameters) are made from every line in --out.
@@ -26,7 +26,6 @@ import json
 import math
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -204,7 +203,10 @@ class StageTimer:
 
 
 def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    """This process's RSS high-water mark (VmHWM). Not ru_maxrss: Linux carries the parent's
+    high-water mark over exec into a child's ru_maxrss, and the parent wrote the checkpoint."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024  # kB
 
 
 def _component_sizes(bundle: Path) -> dict[str, dict[str, int]]:

@@ -5,7 +5,7 @@ Why: tests/test_component_weights.py proves the part-only load at a 2-layer visi
 0.32 B parameters with the projector, 1.2 GiB in FP32). The checkpoint is written by
 tests/sparse_checkpoint.py: vision tower + projector as random FP16 weights, the 7B
 language model as a 27 GB sparse FP32 shard (header only, a hole on disk). The build
-runs in a child process of its own, so its ru_maxrss is the build's alone.
+runs in a child process of its own that reports its own VmHWM, the build's alone.
 
     python benchmarks/bench_sparse_llava.py                      # full tower, fp32
     python benchmarks/bench_sparse_llava.py --vision-layers 2    # the CI test's size
@@ -31,7 +31,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-from sparse_checkpoint import save_sparse_llava  # noqa: E402
+from sparse_checkpoint import build_peak_rss, save_sparse_llava  # noqa: E402
 
 
 def cpu_model() -> str:
@@ -58,18 +58,12 @@ def main() -> None:
         facts = save_sparse_llava(root / "llava-7b", vision_layers=args.vision_layers)
         written = time.perf_counter() - start
         load_before = os.getloadavg()
-        argv = [sys.executable, "-c", "from vlm_export.cli import app; app()", "build", str(root / "llava-7b"),
-                "-o", str(root / "out"), "--precision", args.precision, "--parity-images", str(photos), "--latency-runs", "1"]
         start = time.perf_counter()
-        with open(root / "build.log", "wb") as sink:
-            process = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT)
-            _, status, usage = os.wait4(process.pid, 0)
+        code, peak = build_peak_rss(root / "llava-7b", root / "out", photos, root / "build.log", precision=args.precision)
         wall = time.perf_counter() - start
-        code = os.waitstatus_to_exitcode(status)
         if code != 0:
             sys.stderr.write((root / "build.log").read_text(encoding="utf-8", errors="replace")[-3000:])
         vision_bytes = 4 * facts["vision_params"]
-        peak = usage.ru_maxrss * 1024
         print(json.dumps({
             "vision_layers": args.vision_layers, "precision": args.precision, "exit_code": code,
             "vision_params": facts["vision_params"], "vision_fp32_gib": round(vision_bytes / 2**30, 3),

@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 import math
 import struct
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -115,3 +117,28 @@ def save_sparse_llava(folder: Path, vision_layers: int = 24, seed: int = 0) -> d
     CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}).save_pretrained(folder)
     return {"vision_params": vision_params, "lm_bytes": lm_bytes,
             "vision_file": folder / VISION_SHARD, "lm_file": folder / LM_SHARD}
+
+
+# The child reports its own high-water mark (VmHWM of the mm exec made), written at exit.
+# Not the parent's wait4 rusage: Linux carries the spawning process's RSS high-water mark
+# over exec into the child's ru_maxrss, so it would count pytest's own memory too.
+_BUILD_REPORTING_PEAK = """
+import atexit, sys
+def _peak(report=sys.argv[1]):
+    with open('/proc/self/status') as status, open(report, 'w') as sink:
+        sink.write(next(line.split()[1] for line in status if line.startswith('VmHWM:')))
+atexit.register(_peak)
+sys.argv = ['vlm-export', *sys.argv[2:]]
+from vlm_export.cli import app
+app()
+"""
+
+
+def build_peak_rss(model: Path, out: Path, photos: Path, log: Path, precision: str = "fp32") -> tuple[int, int]:
+    """`vlm-export build MODEL -o OUT --precision P` in its own process: (exit code, peak RSS bytes)."""
+    peak = log.with_suffix(".vmhwm")
+    argv = [sys.executable, "-c", _BUILD_REPORTING_PEAK, str(peak), "build", str(model), "-o", str(out),
+            "--precision", precision, "--parity-images", str(photos), "--latency-runs", "1"]
+    with open(log, "wb") as sink:
+        code = subprocess.run(argv, stdout=sink, stderr=subprocess.STDOUT).returncode
+    return code, int(peak.read_text()) * 1024  # /proc reports kB

@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Callable
 
@@ -23,7 +21,7 @@ from typer.testing import CliRunner
 
 from vlm_export.cli import app
 
-from sparse_checkpoint import save_sparse_llava
+from sparse_checkpoint import build_peak_rss, save_sparse_llava
 from test_llava import _save_tiny_llava
 from test_qwen2_vl import qwen_dir  # noqa: F401 - fixture
 
@@ -319,15 +317,6 @@ def test_header_that_is_not_safetensors(llava_dir: Path, photo_dir: Path, tmp_pa
 # ---------------------------------------------------------------- the 7B proof
 
 
-def build_peak_rss(model: Path, out: Path, photos: Path, log: Path) -> tuple[int, int]:
-    """`vlm-export build MODEL -o OUT --precision fp32` in its own process: (exit code, peak RSS bytes)."""
-    argv = [sys.executable, "-c", "from vlm_export.cli import app; app()", "build", str(model), "-o", str(out),
-            "--precision", "fp32", "--parity-images", str(photos), "--latency-runs", "1"]
-    with open(log, "wb") as sink:
-        process = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(process.pid, 0)  # the rusage of this child alone
-        process.returncode = os.waitstatus_to_exitcode(status)
-    return process.returncode, usage.ru_maxrss * 1024  # Linux reports kilobytes
 
 
 def test_llava_7b_whose_language_model_exceeds_memory_builds_its_vision_bundle(photo_dir: Path, tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ from vlm_export.calibration.stream import CalibrationStream
 from vlm_export.engines.plan import record_ep_plans
 from vlm_export.errors import InputError
 from vlm_export.families import ComponentSpec, LoadedModel, detect
+from vlm_export.heap import release_freed_memory
 from vlm_export.progress import Reporter, SilentReporter
 from vlm_export.quantize import CalibrationMethod, FeedReader, Int8Config, to_fp16, to_int8_cpu, to_int8_qdq
 from vlm_export.recipes import PRECISIONS, RECIPES, recipe
@@ -128,9 +129,11 @@ def _build_variants(
         paths["fp32"] = export_component(spec, writer.path(f"{base}.fp32.onnx"))
         check_graph(spec, paths["fp32"])
         check_against_torch(spec, paths["fp32"])
+    release_freed_memory()  # each stage's freed heap back to the OS before the next (vlm_export.heap)
     if "fp16" in opts.precisions:
         with reporter.task(f"[{spec.name}] FP16 (norms kept FP32)"):
             paths["fp16"] = to_fp16(paths["fp32"], writer.path(f"{base}.fp16.onnx"))
+        release_freed_memory()
     if spec.weight_only:
         from vlm_export.quantize.weight_only import build_weight_only
 
@@ -297,6 +300,7 @@ def build(opts: BuildOptions, reporter: Reporter | None = None) -> BuildResult:
         components, all_paths, latency_conditions = {}, {}, {}
         for spec in family.components(loaded):
             paths = all_paths[spec.name] = _build_variants(spec, writer, opts, calib, reporter, result.guard, result.methods)
+            release_freed_memory()  # before parity opens every variant's session at once
             records = _parity(spec, paths, parity_feed, opts, reporter, latency_conditions)
             result.records.extend(records)
             components[spec.name] = _component_manifest(spec, paths, writer, records, opts.precisions)

@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from vlm_export.heap import release_freed_memory
 from vlm_export.quantize.config import CalibrationMethod, Int8Config
 from vlm_export.quantize.reader import FeedReader
 
@@ -96,9 +97,17 @@ def to_int8_qdq(
     large = is_large(fp32_path)
     with tempfile.TemporaryDirectory(prefix="vlm-export-q-") as tmp, _quiet_root_logger(), staged_output(out_path) as staged:
         prepared = preprocess_for_quantization(fp32_path, Path(tmp) / "prepared.onnx")
+        release_freed_memory()  # quant_pre_process' copies, before calibration's session
         exclude = list(config.nodes_to_exclude)
         if not config.quantize_activation_matmuls:
             exclude += activation_matmuls(prepared)
+        ranges = Path(cache_path) if cache_path else None
+        if config.method is CalibrationMethod.MINMAX and not (ranges and ranges.is_file()):
+            # Our own MinMax pass: a session that frees each activation once its range is
+            # taken (quantize.int8_calibrate); quantize_static then reads the ranges' cache.
+            from vlm_export.quantize.int8_calibrate import calibrate_minmax
+
+            ranges = calibrate_minmax(prepared, reader, config.op_types, ranges or Path(tmp) / "ranges.json", large)
         quantize_static(
             str(prepared),
             str(staged),
@@ -124,7 +133,7 @@ def to_int8_qdq(
                 # samples, a short last batch) cannot be.
                 "CalibStridedMinMax": 1,
             },
-            calibration_cache_path=str(cache_path) if cache_path else None,
+            calibration_cache_path=str(ranges) if ranges else None,
             use_external_data_format=large,  # calibration's augmented graph too, past 2 GB
         )
     if cache_path is not None and Path(cache_path).is_file():

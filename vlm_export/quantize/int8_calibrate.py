@@ -1,0 +1,68 @@
+"""MinMax calibration in a session that frees each activation once its range is taken.
+
+Why not let `quantize_static` calibrate: onnxruntime's MinMax calibrator adds a
+ReduceMin and a ReduceMax (then a Reshape to a graph output) on every calibrated
+tensor, and runs that augmented graph in a session with default options. Its default
+execution order runs those reductions after the main chain, so every activation of a
+batch is alive at once: on ViT-B/16 one batch of 8 grew the process by 3.1 GB (the
+model itself is 0.35 GB) and set the build's peak RSS (benchmarks/results/build_memory.txt).
+onnxruntime's priority-based order runs each reduction as soon as its tensor exists,
+so the tensor is freed at once: the same run grows by 0.17 GB. Only the order
+changes, not the operators or their inputs, so the ranges are the same
+(tests/test_int8_calibration_memory.py checks them equal to onnxruntime's own run).
+
+The ranges are written in onnxruntime's calibration-cache format; `quantize_static`
+then reads them from that cache (its documented way to skip calibration), so the
+quantization itself is onnxruntime's, unchanged.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+from vlm_export.quantize.reader import FeedReader
+
+
+def frugal_session_options():  # noqa: ANN201 - onnxruntime.SessionOptions
+    """Options for the calibration session: no graph rewrites (as onnxruntime's own
+    calibrator: the calibrated tensors must keep their names), priority-based order
+    (each reduction runs right after its tensor is made, which frees it), no arena (the
+    arena would keep the peak of a one-pass workload reserved for the rest of the build)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+    options.enable_cpu_mem_arena = False
+    return options
+
+
+def calibrate_minmax(prepared: Path, reader: FeedReader, op_types: Sequence[str], cache_path: Path, large: bool = False) -> Path:
+    """MinMax ranges of the tensors `quantize_static` would calibrate, one feed at a time,
+    written to `cache_path` (onnxruntime's calibration-cache JSON).
+
+    One feed per collect (onnxruntime's strided calibration with stride 1): ranges merge
+    across feeds, so only one feed's activations are alive. `large` keeps the augmented
+    graph's weights in external data past 2 GB.
+    """
+    import onnxruntime as ort
+    from onnxruntime.quantization import CalibrationMethod, create_calibrator, save_tensors_data
+
+    with tempfile.TemporaryDirectory(prefix="vlm-export-calib-") as tmp:
+        calibrator = create_calibrator(
+            Path(prepared), list(op_types), augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+            calibrate_method=CalibrationMethod.MinMax, use_external_data_format=large,
+        )
+        calibrator.infer_session = None  # release onnxruntime's default session before opening ours
+        calibrator.infer_session = ort.InferenceSession(
+            calibrator.augmented_model_path, sess_options=frugal_session_options(), providers=["CPUExecutionProvider"]
+        )
+        for start in range(len(reader)):
+            reader.set_range(start, start + 1)
+            calibrator.collect_data(reader)
+        ranges = calibrator.compute_data()
+        del calibrator  # its session and model copy go before quantize_static loads the model
+    save_tensors_data(ranges, cache_path)
+    return cache_path
