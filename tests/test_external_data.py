@@ -335,3 +335,35 @@ def test_a_component_past_2gb_builds_every_precision_and_loads(photo_dir: Path, 
     cosine = float(np.dot(reference.ravel(), int8.ravel()) / np.linalg.norm(reference) / np.linalg.norm(int8))
     assert cosine > 0.99, cosine
     print(f"runtime load (sha256 of the data files) + run of fp32 and int8-cpu: {time.perf_counter() - start:.1f} s")
+
+
+def test_a_small_graph_already_stored_externally_stays_external_through_int8_cpu(tmp_path: Path) -> None:
+    """CLIP-L's text tower: the exporter chose external data from the wrapped module (the
+    whole CLIPModel, past the threshold) while the tower's own graph is under it. Every
+    derived graph must then keep external data too; written inline, it kept pointing at a
+    data file that was not beside it ("... should be stored in /tmp/.../text.fp32.onnx.data")."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from vlm_export.export.external import is_large
+    from vlm_export.quantize import to_int8_cpu
+
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.standard_normal((64, 32)).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 32])], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    inline, external = tmp_path / "inline" / "text.fp32.onnx", tmp_path / "external" / "text.fp32.onnx"
+    for path in (inline, external):
+        path.parent.mkdir()
+    onnx.save(model, str(inline))
+    onnx.save(model, str(external), save_as_external_data=True, location="text.fp32.onnx.data", size_threshold=0)
+    assert not is_large(inline) and is_large(external)
+    out = to_int8_cpu(external, tmp_path / "external" / "text.int8-cpu.onnx")
+    x = rng.standard_normal((2, 64)).astype(np.float32)
+    y = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    reference = x @ numpy_helper.to_array(weight)
+    assert np.abs(y - reference).max() < 0.05 * np.abs(reference).max()
+    assert (out.parent / "text.int8-cpu.onnx.data").is_file()
