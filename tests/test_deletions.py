@@ -223,3 +223,50 @@ def test_default_image_set_replaces_only_its_own_folder(tmp_path: Path) -> None:
     again = materialize(ours, "calibration")  # a set it wrote is replaced in place
     assert again == ours and (ours / SOURCES_FILE).is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["photos", "set"]
+
+
+def test_staged_output_removes_only_the_stale_data_file_of_its_own_graph(tmp_path: Path) -> None:
+    """export.external.staged_output: rewriting NAME.onnx inline drops NAME.onnx.data (the data
+    of its own earlier write) and nothing else beside it; a failed write moves and deletes nothing."""
+    from vlm_export.export.external import staged_output
+
+    out = tmp_path / "vision.fp32.onnx"
+    out.write_bytes(b"old graph")
+    (tmp_path / "vision.fp32.onnx.data").write_bytes(b"stale")
+    users = [tmp_path / "vision.fp16.onnx.data", tmp_path / "notes.data", tmp_path / "photo.jpg"]
+    for path in users:
+        path.write_bytes(b"keep")
+    with pytest.raises(RuntimeError):
+        with staged_output(out) as staged:
+            staged.write_bytes(b"half")
+            raise RuntimeError("interrupted")
+    assert out.read_bytes() == b"old graph" and (tmp_path / "vision.fp32.onnx.data").read_bytes() == b"stale"
+    with staged_output(out) as staged:
+        staged.write_bytes(b"new graph")
+    assert out.read_bytes() == b"new graph" and not (tmp_path / "vision.fp32.onnx.data").exists()
+    assert all(path.read_bytes() == b"keep" for path in users)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, *(p.name for p in users)])
+
+
+def test_ort_cache_removes_only_its_temp_file_when_the_session_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """runtime.ort_cache: a session that fails to load leaves the cache folder as it was
+    (a user's file in it included) and the bundle's graph untouched."""
+    import onnxruntime as ort
+
+    from vlm_export.runtime import ort_cache
+
+    monkeypatch.setenv("VLM_EXPORT_CACHE", str(tmp_path / "cache"))
+    graph = tmp_path / "bundle" / "vision.fp32.onnx"
+    graph.parent.mkdir()
+    graph.write_bytes(b"not an onnx graph")
+    with pytest.raises(Exception):
+        ort_cache.cached_session(graph, "0" * 64, ort.SessionOptions(), ["CPUExecutionProvider"])
+    assert graph.read_bytes() == b"not an onnx graph"
+    cache_files = [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+    assert cache_files == []
+    folder = next((p for p in (tmp_path / "cache").rglob("*") if p.is_dir()), tmp_path / "cache")
+    (folder / "mine.txt").write_text("user")
+    with pytest.raises(Exception):
+        ort_cache.cached_session(graph, "0" * 64, ort.SessionOptions(), ["CPUExecutionProvider"])
+    assert (folder / "mine.txt").read_text() == "user"
+    assert [p.name for p in (tmp_path / "cache").rglob("*") if p.is_file()] == ["mine.txt"]

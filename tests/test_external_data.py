@@ -177,7 +177,12 @@ def test_manifest_data_entry_outside_the_bundle_is_refused(external_vit_bundle: 
     manifest["components"]["vision"]["variants"]["fp32"]["external_data"][0]["file"] = "../elsewhere.data"
     (bundle / "manifest.json").write_text(json.dumps(manifest))
     _no_session(monkeypatch)
-    _one_line_exit_2(bundle, next(photo_dir.iterdir()), "../elsewhere.data")
+    line = _one_line_exit_2(bundle, next(photo_dir.iterdir()), "../elsewhere.data")
+    assert line.startswith("error:") and "../elsewhere.data" in line
+    from vlm_export.runtime import load
+
+    with pytest.raises(BundleError, match="elsewhere.data"):
+        load(bundle)
 
 
 # --- streamed calibration: memory does not grow with --calibration-size ------------------------
