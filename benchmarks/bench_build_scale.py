@@ -182,7 +182,7 @@ class StageTimer:
 
         @contextlib.contextmanager
         def timed() -> Any:
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
 
             class _Task:
                 def advance(self, steps: int = 1) -> None:
@@ -192,6 +192,7 @@ class StageTimer:
                 yield _Task()
             finally:
                 self.stages.append({"stage": description, "seconds": round(time.perf_counter() - start, 2),
+                                    "cpu_seconds": round(time.process_time() - cpu_start, 2),
                                     "peak_rss_mb": round(_peak_rss_mb(), 1)})
         return timed()
 
@@ -227,7 +228,7 @@ def child(model: str, checkpoint: Path, out: Path, precisions: str, calibration_
     from vlm_export.build import BuildOptions, build, parse_precisions
 
     timer = StageTimer()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     error = None
     try:
         result = build(BuildOptions(model_dir=checkpoint, out=out, precisions=parse_precisions(precisions), calibration_size=calibration_size,
@@ -237,7 +238,7 @@ def child(model: str, checkpoint: Path, out: Path, precisions: str, calibration_
     except Exception as exc:  # noqa: BLE001 - a benchmark records the failure and goes on
         error, verdicts, guard = f"{type(exc).__name__}: {exc}"[:500], {}, {}
     return {"model": model, "precisions": precisions, "total_seconds": round(time.perf_counter() - start, 1),
-            "peak_rss_mb": round(_peak_rss_mb(), 1), "stages": timer.stages, "components": _component_sizes(out) if out.exists() else {},
+            "cpu_seconds": round(time.process_time() - cpu_start, 1), "peak_rss_mb": round(_peak_rss_mb(), 1), "stages": timer.stages, "components": _component_sizes(out) if out.exists() else {},
             "verdicts": verdicts, "guard": guard, "error": error, "notes": timer.notes[-10:]}
 
 
@@ -295,11 +296,15 @@ def plot(out: Path, png: Path) -> dict[str, Any]:
 
     rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
     rows = [r for r in rows if not r.get("error") and r.get("components")]
+    rows = list({r["model"]: r for r in rows}.values())  # --again appends: the newest line of a model counts
     params = [sum(c["parameters"] for c in r["components"].values()) for r in rows]
     seconds, rss = [r["total_seconds"] for r in rows], [r["peak_rss_mb"] for r in rows]
     # The latency stage runs a fixed number of timed rounds: reported, and fitted apart.
     converting = [sum(s["seconds"] for s in r["stages"] if "latency" not in s["stage"]) for r in rows]
+    # CPU seconds (all threads) move far less than wall seconds when other jobs share the 2 cores.
+    cpu = [r.get("cpu_seconds") for r in rows]
     fits = {"time_exponent": _fit(params, seconds), "time_exponent_without_latency": _fit(params, converting),
+            "cpu_time_exponent": _fit(params, cpu) if all(cpu) else None,
             "rss_exponent": _fit(params, rss), "models": [r["model"] for r in rows], "parameters": params}
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, ys, label, key in ((axes[0], seconds, "build wall time (s)", "time_exponent"), (axes[1], rss, "peak RSS (MB)", "rss_exponent")):
