@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator, Protocol
 
+from vlm_export.interrupts import raise_if_interrupted
+
 
 class Reporter(Protocol):
     def task(self, description: str, total: int | None = None) -> contextlib.AbstractContextManager["Task"]: ...
@@ -35,7 +37,9 @@ class SilentReporter:
 
     @contextlib.contextmanager
     def task(self, description: str, total: int | None = None) -> Iterator[_NullTask]:
+        raise_if_interrupted()
         yield _NullTask()
+        raise_if_interrupted()
 
     def note(self, message: str) -> None:
         return None
@@ -57,15 +61,18 @@ class RichReporter:
     def task(self, description: str, total: int | None = None) -> Iterator[Task]:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+        raise_if_interrupted()
         columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
         with Progress(*columns, console=self.console, transient=False) as progress:
             task_id = progress.add_task(description, total=total)
 
             class _Task:
                 def advance(self, steps: int = 1) -> None:
+                    raise_if_interrupted()
                     progress.advance(task_id, steps)
 
             yield _Task()
+            raise_if_interrupted()
             if total is None:
                 progress.update(task_id, total=1, completed=1)
 

@@ -24,6 +24,7 @@ from vlm_export.bundle.schema import MANIFEST_NAME, Manifest
 from vlm_export.bundle.staging import MARKER_NAME, PARTIAL_MARK, create_staging, is_staging, remove_stale_partials
 from vlm_export.cleanup import remove_file, remove_tree
 from vlm_export.bundle.swap import journal_path, move_into_place, recover
+from vlm_export.interrupts import raise_if_interrupted
 
 __all__ = ["BundleWriter", "PARTIAL_MARK", "remove_stale_partials"]
 
@@ -122,6 +123,7 @@ class BundleWriter:
         """
         self.path(MANIFEST_NAME).write_text(manifest.dumps(), encoding="utf-8")
         self._check_target()
+        raise_if_interrupted()  # a stop signal whose KeyboardInterrupt was swallowed must not end in a whole bundle
         staging = self.staging
         move_into_place(staging, self.out, before_swap=lambda: remove_file(staging / MARKER_NAME, lambda p: p.name == MARKER_NAME))
         self._staging = None

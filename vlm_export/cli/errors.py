@@ -27,6 +27,7 @@ except ImportError:  # pragma: no cover - an older typer on the real click
     from click import exceptions as click_exceptions
 
 from vlm_export.errors import VlmExportError
+from vlm_export.interrupts import InterruptFlag
 from vlm_export.os_errors import environment_error
 
 INTERRUPTED = "interrupted; partial output removed (any OUT.partial-* left is cleaned by the next build)"
@@ -37,19 +38,6 @@ _HANDLED = (signal.SIGINT, signal.SIGTERM)
 def fail(message: str, code: int) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
-
-
-class InterruptFlag:
-    """Remembers which signal arrived: one that lands inside a C extension (an import, a
-    torch op) can surface as another exception, e.g. ImportError("initialization
-    failed"), which must still read as an interruption."""
-
-    seen: int | None = None
-
-    @classmethod
-    def handler(cls, signum: int, frame: Any) -> None:
-        cls.seen = signum
-        raise KeyboardInterrupt
 
 
 def exit_interrupted() -> None:
