@@ -18,7 +18,7 @@ import pytest
 
 from vlm_export.bundle.schema import Manifest
 from vlm_export.bundle.writer import BundleWriter
-from vlm_export.interrupts import InterruptFlag, raise_if_interrupted
+from vlm_export.interrupts import InterruptFlag, quiet_lost_interrupts, raise_if_interrupted
 from vlm_export.progress import RichReporter, SilentReporter
 
 # The swallowed KeyboardInterrupt is the point: Python reports it as unraisable.
@@ -81,6 +81,28 @@ def test_a_lost_interrupt_never_ends_in_a_committed_bundle(tmp_path: Path) -> No
             writer.commit(Manifest(family="vit", source={}, components={}))
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_the_lost_interrupt_is_kept_off_stderr_and_other_unraisables_are_not(capsys: pytest.CaptureFixture[str]) -> None:
+    import sys
+
+    seen: list[type] = []
+    previous = sys.unraisablehook
+    sys.unraisablehook = quiet_lost_interrupts(lambda u: seen.append(type(u.exc_value)))
+    try:
+        _signal_inside_a_weakref_callback()
+
+        class _Broken:
+            def __del__(self) -> None:
+                raise ValueError("not a stop signal")
+
+        _Broken()
+        gc.collect()
+    finally:
+        sys.unraisablehook = previous
+    assert InterruptFlag.seen == signal.SIGUSR1
+    assert seen == [ValueError]  # the interrupt was swallowed quietly, the ValueError passed on
+    assert "Traceback" not in capsys.readouterr().err
 
 
 def test_without_a_signal_the_commit_moves_the_bundle_into_place(tmp_path: Path) -> None:

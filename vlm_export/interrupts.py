@@ -12,7 +12,7 @@ progress stage, and the bundle's final move into place) call `raise_if_interrupt
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 
 class InterruptFlag:
@@ -32,3 +32,19 @@ def raise_if_interrupted() -> None:
     """Raise KeyboardInterrupt again when a stop signal arrived and its first raise was lost."""
     if InterruptFlag.seen is not None:
         raise KeyboardInterrupt
+
+
+def quiet_lost_interrupts(previous: Callable[[Any], None]) -> Callable[[Any], None]:
+    """A `sys.unraisablehook` that keeps the lost KeyboardInterrupt of a stop signal off stderr.
+
+    Python prints it as "Exception ignored in ... Traceback ..." in the middle of the
+    progress bars; the stop itself is handled (and said in one line) through the flag.
+    Anything else still goes to `previous`.
+    """
+
+    def hook(unraisable: Any) -> None:
+        if isinstance(unraisable.exc_value, KeyboardInterrupt) and InterruptFlag.seen is not None:
+            return
+        previous(unraisable)
+
+    return hook

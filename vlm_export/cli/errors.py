@@ -27,7 +27,7 @@ except ImportError:  # pragma: no cover - an older typer on the real click
     from click import exceptions as click_exceptions
 
 from vlm_export.errors import VlmExportError
-from vlm_export.interrupts import InterruptFlag
+from vlm_export.interrupts import InterruptFlag, quiet_lost_interrupts
 from vlm_export.os_errors import environment_error
 
 INTERRUPTED = "interrupted; partial output removed (any OUT.partial-* left is cleaned by the next build)"
@@ -60,12 +60,18 @@ def _install_handlers() -> dict[int, Any]:
     return {sig: signal.signal(sig, InterruptFlag.handler) for sig in _HANDLED}
 
 
+def _restore_handlers(previous: dict[int, Any]) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
 def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Apply the policy above to a command function."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        previous = _install_handlers()
+        previous, unraisable = _install_handlers(), sys.unraisablehook
+        sys.unraisablehook = quiet_lost_interrupts(unraisable)
         try:
             return fn(*args, **kwargs)
         except VlmExportError as exc:
@@ -80,8 +86,8 @@ def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
                 raise
             fail(str(mapped), mapped.exit_code)
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+            _restore_handlers(previous)
+            sys.unraisablehook = unraisable
 
     return wrapper
 
