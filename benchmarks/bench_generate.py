@@ -12,11 +12,20 @@ int8-wo, int4 block 32/128 from quantize/weight_only.py) under the runtime's loo
 (`--json`). Figures on a shared machine carry its load average: rerun on a quiet one.
 Random weights: speed and size only, never accuracy.
 
+`--attention gqa,concat` measures, in the same run, the graph as built today (onnxruntime's
+GroupQueryAttention, one capacity-long KV buffer per layer bound as past and present:
+families/gqa_attention.py) and the graph before it (a Concat writes past + 1 positions per
+layer per step), both under the runtime's I/O-bound step (runtime.kv_binding); keys of the
+latter end in "-concat". `--rounds N` interleaves N rounds per prompt (medians reported):
+on a busy machine sequential rows are not comparable. Per decode step it also records the
+host bytes Python allocates (tracemalloc peak) and the bytes of KV cache onnxruntime holds.
+
 `--genai` adds onnxruntime-genai 0.18 side by side: its model builder's INT4 model (RTN block
 32, CPU, accuracy level 4) of the same weights, and genai's loop over our int4-cpu graph
 (vlm_export.genai_text). Install it beside, not over, the project's onnxruntime:
 `pip install --no-deps --target /tmp/genai "onnxruntime-genai==0.18.*"`, then run with
-`PYTHONPATH=/tmp/genai`. Results of 2026-12-01: benchmarks/results/generate_llava15_7b_lm_2layers_cpu.*
+`PYTHONPATH=/tmp/genai`. Results of 2026-12-01: benchmarks/results/generate_llava15_7b_lm_2layers_cpu.* (Concat
+graph); GroupQueryAttention vs Concat: benchmarks/results/generate_gqa_llava15_7b_lm_2layers_cpu.*
 """
 
 from __future__ import annotations
@@ -55,17 +64,21 @@ def make_model(layers: int, seed: int) -> Any:
     return model
 
 
-def export_variants(model: Any, folder: Path, variants: list[str], reuse: bool = False) -> dict[str, Path]:
+def export_variants(model: Any, folder: Path, variants: list[str], reuse: bool = False,
+                    contrib_attention: bool = True) -> dict[str, Path]:
     """The `language_model` graph (families.llm_decoder) and its variants, as the build makes them;
-    `reuse`: keep graphs a previous run left in `folder` (same seed, same weights)."""
+    `reuse`: keep graphs a previous run left in `folder` (same seed, same weights);
+    `contrib_attention=False`: the Concat graph from before GroupQueryAttention."""
+    import dataclasses
+
     from vlm_export.export import export_component
     from vlm_export.families.llava_language import language_model_spec
     from vlm_export.families.llm_decoder import LmGeometry, decoder_step
     from vlm_export.quantize import to_fp16
     from vlm_export.quantize.weight_only import CONFIGS, to_weight_only
 
-    geometry = LmGeometry.from_text_config(model.config)
-    spec = language_model_spec(decoder_step(model.model, model.lm_head, geometry), geometry)
+    geometry = dataclasses.replace(LmGeometry.from_text_config(model.config), kv_share_buffer=contrib_attention)
+    spec = language_model_spec(decoder_step(model.model, model.lm_head, geometry, contrib_attention), geometry)
     fp32 = folder / "language_model.fp32.onnx"
     paths = {"fp32": fp32 if reuse and fp32.exists() else export_component(spec, fp32)}
     for key in variants:
@@ -108,29 +121,40 @@ def _rates(step_ms: list[float]) -> dict[str, float]:
 
 
 def ort_generate(path: Path, table: np.ndarray, embeds: np.ndarray, new_tokens: int, layers: int, kv_heads: int,
-                 head_dim: int, threads: int | None) -> dict[str, float]:
-    """The runtime's loop (runtime.generate.decode) over one variant; eos disabled."""
+                 head_dim: int, threads: int | None, share_buffer: bool = True) -> dict[str, float]:
+    """The runtime's loop (runtime.generate.decode) over one variant through its I/O-bound step
+    (runtime.kv_binding.BoundStep; `share_buffer` for the GroupQueryAttention graph); eos disabled.
+    Also: the most host bytes one decode step allocates (tracemalloc peak, steps 2..n) and the
+    KV-cache bytes onnxruntime holds at the first and last decode step."""
+    import tracemalloc
+
     from vlm_export.runtime.generate import Sampling, Trace, decode
+    from vlm_export.runtime.kv_binding import BoundStep
     from vlm_export.runtime.session import create_session
 
     session = create_session(path, "cpu", threads)
-    outputs = [o.name for o in session.get_outputs()]
-    warm = {"inputs_embeds": embeds[:, :4], "attention_mask": np.ones((1, 4), dtype=np.int64),
-            "position_ids": np.arange(4, dtype=np.int64)[None]}
-    session.run(None, warm | {f"past_key_values.{i}.{k}": np.zeros((1, kv_heads, 0, head_dim), dtype=np.float32)
-                              for i in range(layers) for k in ("key", "value")})  # warm-up
-
-    def step(x: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: Any) -> tuple[np.ndarray, Any]:
-        if past is None:
-            empty = np.zeros((1, kv_heads, 0, head_dim), dtype=np.float32)
-            past = {f"past_key_values.{i}.{k}": empty for i in range(layers) for k in ("key", "value")}
-        out = dict(zip(outputs, session.run(None, {"inputs_embeds": x, "attention_mask": mask, "position_ids": positions, **past})))
-        return out["logits"], {f"past_key_values.{i}.{k}": out[f"present.{i}.{k}"] for i in range(layers) for k in ("key", "value")}
-
+    capacity = embeds.shape[1] + new_tokens
+    warm = BoundStep(session, layers, kv_heads, head_dim, 8, 8, share_buffer)
+    warm(embeds[:, :4], np.ones((1, 4), dtype=np.int64), np.arange(4, dtype=np.int64)[None], None)  # warm-up
+    step = BoundStep(session, layers, kv_heads, head_dim, capacity, capacity, share_buffer)
     trace = Trace()
-    list(decode(step, lambda ids: np.asarray(table[ids], dtype=np.float32), lambda a, n: np.arange(a, a + n, dtype=np.int64)[None],
-                embeds, (), Sampling(new_tokens), trace))
-    return _rates(trace.step_ms)
+    tokens = decode(step, lambda ids: np.asarray(table[ids], dtype=np.float32),
+                    lambda a, n: np.arange(a, a + n, dtype=np.int64)[None], embeds, (), Sampling(new_tokens), trace)
+    next(tokens)  # prefill
+    peaks = []
+    tracemalloc.start()
+    try:
+        while True:
+            tracemalloc.reset_peak()
+            before = tracemalloc.get_traced_memory()[0]
+            if next(tokens, None) is None:
+                break
+            peaks.append(tracemalloc.get_traced_memory()[1] - before)
+    finally:
+        tracemalloc.stop()
+    return {**_rates(trace.step_ms), "host_bytes_per_step_max": int(max(peaks[1:], default=0)),
+            "ort_cache_bytes_first_decode": step.cache_bytes[1] if len(step.cache_bytes) > 1 else 0,
+            "ort_cache_bytes_last_decode": step.cache_bytes[-1]}
 
 
 def genai_generate(folder: Path, prompt_ids: np.ndarray, new_tokens: int) -> dict[str, float]:
@@ -188,7 +212,8 @@ def genai_folders(model: Any, paths: dict[str, Path], folder: Path, key: str) ->
         onnx.save(graph, str(ours / GRAPH))
         gen = {"max_positions": cfg.max_position_embeddings, "eos_token_ids": [2], "pad_token_id": 0,
                "vocab_size": cfg.vocab_size, "head_dim": cfg.hidden_size // cfg.num_attention_heads, "hidden_size": cfg.hidden_size,
-               "num_heads": cfg.num_attention_heads, "num_layers": cfg.num_hidden_layers, "num_kv_heads": cfg.num_key_value_heads}
+               "num_heads": cfg.num_attention_heads, "num_layers": cfg.num_hidden_layers, "num_kv_heads": cfg.num_key_value_heads,
+               "kv_share_buffer": True}  # the GroupQueryAttention graph: genai binds one buffer as past and present
         (ours / "genai_config.json").write_text(json.dumps(genai_config(gen, cfg.max_position_embeddings)))
     return {"genai-builder-int4": built, f"genai-loop-ours-{key}": ours}
 
@@ -203,6 +228,8 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None, help="keep the graphs here (default: a temp dir)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--reuse", action="store_true", help="reuse graphs left in --workdir by an earlier run")
+    parser.add_argument("--attention", default="gqa", help="gqa (the built graph), concat (the graph before it), or both: gqa,concat")
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds per prompt; medians reported")
     parser.add_argument("--genai", action="store_true", help="also onnxruntime-genai: its builder's INT4 model and our int4-cpu graph under its loop")
     args = parser.parse_args()
 
@@ -218,7 +245,14 @@ def main() -> None:
     folder = args.workdir or Path(tempfile.mkdtemp(prefix="bench-generate-"))
     folder.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    paths = export_variants(model, folder, args.variants.split(","), reuse=args.reuse)
+    kinds = args.attention.split(",")
+    paths, shared = {}, {}
+    for kind in kinds:
+        where = folder if kind == "gqa" else folder / kind
+        where.mkdir(parents=True, exist_ok=True)
+        for key, path in export_variants(model, where, args.variants.split(","), args.reuse, kind == "gqa").items():
+            name = key if kind == "gqa" else f"{key}-{kind}"
+            paths[name], shared[name] = path, kind == "gqa"
     build_s = time.perf_counter() - started
     result: dict[str, Any] = {
         "model": f"LlamaForCausalLM, LLaVA-1.5-7B LM shape, {args.layers} layer(s), random FP32 weights",
@@ -233,10 +267,13 @@ def main() -> None:
     for length in (int(n) for n in args.prompts.split(",")):
         embeds = np.ascontiguousarray(table[rng.integers(0, cfg.vocab_size, (1, length))], dtype=np.float32)
         torch_generate(model, embeds[:, :4], 2)  # warm-up: first-call allocations stay out of TTFT
-        row = {"prompt": length, "pytorch-fp32": torch_generate(model, embeds, args.new_tokens)}
-        for key, path in paths.items():
-            row[key] = ort_generate(path, table, embeds, args.new_tokens, cfg.num_hidden_layers, cfg.num_key_value_heads,
-                                    head_dim, args.threads)
+        rounds: dict[str, list[dict[str, float]]] = {}
+        for _ in range(args.rounds):
+            rounds.setdefault("pytorch-fp32", []).append(torch_generate(model, embeds, args.new_tokens))
+            for key, path in paths.items():
+                rounds.setdefault(key, []).append(ort_generate(path, table, embeds, args.new_tokens, cfg.num_hidden_layers,
+                                                               cfg.num_key_value_heads, head_dim, args.threads, shared[key]))
+        row: dict[str, Any] = {"prompt": length, **{k: _median(v) for k, v in rounds.items()}}
         if args.genai:
             ids = rng.integers(0, cfg.vocab_size, (1, length)).astype(np.int64)
             embeds = np.ascontiguousarray(table[ids], dtype=np.float32)
@@ -258,12 +295,21 @@ def main() -> None:
         args.json.write_text(json.dumps(result, indent=2))
 
 
+def _median(rounds: list[dict[str, float]]) -> dict[str, float]:
+    """Per-field median over interleaved rounds; the rounds' decode tok/s kept beside it."""
+    out = {k: float(np.median([r[k] for r in rounds])) for k in rounds[0]}
+    if len(rounds) > 1:
+        out["decode_tok_s_rounds"] = [round(r["decode_tok_s"], 2) for r in rounds]
+    return out
+
+
 def _print(result: dict[str, Any]) -> None:
     print(f"{result['model']}; CPU {result['cpu']} ({result['cores']} cores); load {result['load_avg_before']} → "
           f"{result['load_avg_after']}; onnxruntime {result['onnxruntime']}, torch {result['torch']}")
     fp32_mb = result["sizes_mb"].get("fp32")
     print("sizes MB: " + ", ".join(f"{k} {v} ({v / fp32_mb:.2f}x)" if fp32_mb else f"{k} {v}" for k, v in result["sizes_mb"].items()))
-    print(f"{'prompt':>6} {'variant':<13} {'TTFT ms':>9} {'decode tok/s':>13} {'x PyTorch decode':>17}")
+    print(f"{'prompt':>6} {'variant':<13} {'TTFT ms':>9} {'decode tok/s':>13} {'x PyTorch decode':>17} "
+          f"{'host B/step':>12} {'ORT KV B first→last decode':>28}")
     for row in result["runs"]:
         base = row["pytorch-fp32"]["decode_tok_s"]
         for key, r in row.items():
@@ -272,7 +318,10 @@ def _print(result: dict[str, Any]) -> None:
             if "error" in r:
                 print(f"{row['prompt']:>6} {key:<13} error: {r['error']}")
                 continue
-            print(f"{row['prompt']:>6} {key:<13} {r['ttft_ms']:>9.1f} {r['decode_tok_s']:>13.1f} {r['decode_tok_s'] / base:>17.2f}")
+            cache = f"{int(r['ort_cache_bytes_first_decode'])}→{int(r['ort_cache_bytes_last_decode'])}" if "ort_cache_bytes_last_decode" in r else ""
+            host = str(int(r["host_bytes_per_step_max"])) if "host_bytes_per_step_max" in r else ""
+            print(f"{row['prompt']:>6} {key:<13} {r['ttft_ms']:>9.1f} {r['decode_tok_s']:>13.1f} {r['decode_tok_s'] / base:>17.2f} "
+                  f"{host:>12} {cache:>28}")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,11 @@ under `/usr/bin/time -v`. Linux only (/proc). Results: benchmarks/results/build_
 `--without-memory-fixes` undoes, in this process only, the build's own MinMax calibration
 pass (quantize.int8_calibrate: onnxruntime then calibrates in its default session) and the
 heap release between stages (vlm_export.heap), to measure "before" on the same tree.
+
+The floor: RSS after importing the libraries a build uses (torch, transformers, onnx,
+onnxscript, onnxruntime and its quantization package, vlm_export) and before the model
+is read. It is paid by any component, so the issue's "peak <= 4x FP32" is reported
+beside "peak - floor" (`floor_mb`, `vmhwm_mb`, `fp32_mb` in OUT.json and the last line).
 """
 
 from __future__ import annotations
@@ -29,6 +34,37 @@ _KEEP = ("vlm_export", "onnxruntime", "onnx/", "torch/onnx", "transformers")
 def _rss_mb() -> int:
     with open("/proc/self/statm", encoding="ascii") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 2**20
+
+
+def _status_mb(field: str) -> int:
+    """A /proc/self/status field (VmHWM: the process's true peak RSS, VmRSS: now) in MB."""
+    with open("/proc/self/status", encoding="ascii") as f:
+        line = next(line for line in f if line.startswith(field + ":"))
+    return int(line.split()[1]) // 1024
+
+
+def _floor_mb() -> int:
+    """RSS (MiB) once the build's libraries are imported and before any model is read."""
+    import onnx  # noqa: F401
+    import onnxruntime  # noqa: F401
+    import onnxruntime.quantization  # noqa: F401
+    import onnxscript  # noqa: F401
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+
+    import vlm_export.build  # noqa: F401
+    from vlm_export.heap import release_freed_memory
+
+    release_freed_memory()
+    return _rss_mb()
+
+
+def _fp32_mb(build_args: list[str]) -> float | None:
+    """The bundle's FP32 graphs and their external data, in MB (the "x FP32" denominator)."""
+    out = Path(build_args[build_args.index("-o") + 1]) if "-o" in build_args else None
+    if out is None or not out.is_dir():
+        return None
+    return sum(p.stat().st_size for p in out.rglob("*.fp32.onnx*")) / 2**20
 
 
 def _where(frame: Any) -> list[str]:
@@ -63,6 +99,7 @@ def main(argv: list[str]) -> int:
                     peak.update(mb=mb, t=time.time() - start, stack=stack)
             time.sleep(0.05)
 
+    floor = _floor_mb()
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
     from vlm_export.cli import app
@@ -74,7 +111,9 @@ def main(argv: list[str]) -> int:
     finally:
         done.set()
         thread.join()
-    out_json.write_text(json.dumps({"peak_mb": peak["mb"], "peak_t": peak["t"], "peak_stack": peak["stack"], "samples": samples}))
+    hwm, fp32 = _status_mb("VmHWM"), _fp32_mb(build_args)
+    out_json.write_text(json.dumps({"peak_mb": peak["mb"], "peak_t": peak["t"], "peak_stack": peak["stack"], "floor_mb": floor,
+                                    "vmhwm_mb": hwm, "fp32_mb": fp32, "loadavg_end": os.getloadavg(), "samples": samples}))
     print(f"sampled peak {peak['mb']} MB at {peak['t']:.1f} s in:\n  " + "\n  ".join(peak["stack"]))
     tops: dict[str, list[float]] = {}
     for t, mb, key in samples:
@@ -82,6 +121,9 @@ def main(argv: list[str]) -> int:
         span[1], span[2] = t, max(span[2], mb)
     for key, (first, last, mb) in sorted(tops.items(), key=lambda kv: -kv[1][2])[:15]:
         print(f"{int(mb):6d} MB  {first:7.1f}-{last:7.1f} s  {key}")
+    times = (lambda mb: f" = {mb / fp32:.2f}x FP32") if fp32 else (lambda mb: "")
+    print(f"VmHWM {hwm} MiB{times(hwm)} ({fp32 or 0:.1f} MiB); floor {floor} MiB; peak - floor {hwm - floor} MiB{times(hwm - floor)}; "
+          f"wall {time.time() - start:.1f} s; load {os.getloadavg()}")
     return 0
 
 

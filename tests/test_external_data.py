@@ -84,6 +84,20 @@ def test_every_variant_lists_its_data_file_and_matches_the_inline_bundle(externa
         assert set(got) == set(inline) and all(np.isfinite(v).all() for v in got.values())
 
 
+def test_sizes_people_read_include_the_external_data(external_vit_bundle: Path) -> None:
+    """report.md and the manifest's total weigh the graph with its .data file (a ViT-L read 0.2 MB)."""
+    from vlm_export.bundle.schema import Manifest
+
+    manifest = Manifest.from_json(_manifest(external_vit_bundle))
+    for key, variant in manifest.components["vision"].variants.items():
+        graph = external_vit_bundle / variant.onnx
+        data = external_vit_bundle / f"{variant.onnx}.data"
+        assert variant.total_bytes == graph.stat().st_size + data.stat().st_size and data.stat().st_size > 1024, key
+    report = (external_vit_bundle / "report.md").read_text()
+    fp32_mb = f"{manifest.components['vision'].variants['fp32'].total_bytes / 1e6:.1f}"
+    assert f"| {fp32_mb} |" in report
+
+
 # --- bad input: truncated, or a location outside the bundle -----------------------------------
 
 

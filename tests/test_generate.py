@@ -196,6 +196,8 @@ def test_genai_text_model_matches_our_loop(lm_bundle: Path, tmp_path: Path) -> N
     out = write_genai_text_model(lm_bundle, tmp_path / "genai", "int4")
     config = json.loads((out / "genai_config.json").read_text())
     assert config["model"]["decoder"]["inputs"]["past_key_names"] == "past_key_values.%d.key"
+    # GroupQueryAttention graph: genai binds one max_length buffer as past and present (its CPU path too)
+    assert config["search"]["past_present_share_buffer"] is True
     model = load(lm_bundle, variant="int4", components=["language_model"])
     from vlm_export.runtime.generate_llava import LanguageSide
 

@@ -83,13 +83,16 @@ def test_bound_loop_equals_numpy_loop_and_model_generate(int8_bundle: Path, mode
 
 
 def test_per_step_host_allocations_do_not_grow(int8_bundle: Path) -> None:
-    """Python allocates the same bytes at step 5 and step 95; only the graph's present grows,
-    by exactly one position per step, and never past prompt + max_new_tokens."""
+    """Python allocates the same bytes at step 5 and step 95, and onnxruntime keeps one
+    capacity-long buffer per layer's key and value, written in place: its size and address
+    are the same at every step, never past prompt + max_new_tokens."""
     side = _side(int8_bundle)
+    assert side.config.kv_share_buffer  # the GroupQueryAttention graph (families.gqa_attention)
     steps = 96
     prompt = np.random.default_rng(0).integers(3, 190, size=(1, 150))  # 150 + 96 of the model's 256 positions
     step = side.stepper(prompt.shape[1] + steps)
     tokens = decode(step, side.embed, side.positions, side.embed(prompt), (), Sampling(steps), Trace())
+    addresses = []
     tracemalloc.start()
     try:
         peaks = []
@@ -98,17 +101,18 @@ def test_per_step_host_allocations_do_not_grow(int8_bundle: Path) -> None:
             before = tracemalloc.get_traced_memory()[0]
             next(tokens)
             peaks.append(tracemalloc.get_traced_memory()[1] - before)
+            addresses.append(tuple(v.data_ptr() for v in step._shared.values.values()))
     finally:
         tracemalloc.stop()
-    assert step.steps == steps
+    assert step.steps == steps and step._shared.length == prompt.shape[1] + steps - 1
     assert len(set(step.host_bytes)) == 1 and step.host_bytes[0] == 200 * 4  # the logits row, every step
-    # one position per step: layers × {key, value} × kv_heads × head_dim × 4 bytes = 512
+    # the cache: layers × {key, value} × kv_heads × capacity × head_dim × 4 bytes, every step
     per_position = 2 * 2 * 2 * 16 * 4
-    assert np.diff(step.cache_bytes).tolist() == [per_position] * (steps - 1)
-    assert step.cache_bytes[-1] == (prompt.shape[1] + steps - 1) * per_position
+    assert step.cache_bytes == [(prompt.shape[1] + steps) * per_position] * steps
+    assert len(set(addresses)) == 1 and len(set(addresses[0])) == 4  # one buffer per past, bound once
     later = peaks[4:]
-    # decode steps allocate the same host bytes whatever the cache length: the cache at step
-    # 95 is 46 KB bigger than at step 5 and the attention mask 728 B longer; a per-step copy
+    # decode steps allocate the same host bytes whatever the cache length: the cache holds
+    # 46 KB more at step 95 than at step 5 and the attention mask is 728 B longer; a per-step copy
     # of either would show here (numpy's small-block cache hides blocks under 1 KB)
     assert max(later) - min(later) < 256, peaks
     assert max(later) < per_position * 20, peaks

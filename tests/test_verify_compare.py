@@ -12,7 +12,12 @@ from vlm_export.verify import TOLERANCES, Check, CompareFunc, ParityRecord, boun
 def test_table_holds_every_check_at_every_precision() -> None:
     # int4 is weight-only, language models only: their logits and their answers
     int4 = {(Check.GENERATION, "int4"), (Check.COMPONENT_LOGITS, "int4")}
-    assert {(c, p) for c in Check for p in ("fp32", "fp16", "int8")} | int4 == set(TOLERANCES)
+    # answers of the shipped (vision, language model) pairs: one row per pair of precisions
+    from vlm_export.families.generation_deployed import DEPLOYMENTS
+
+    deployed = {(Check.GENERATION, d.precision) for d in DEPLOYMENTS}
+    assert deployed == {(Check.GENERATION, p) for p in ("int8+int4", "int8+int8", "fp16+fp16")}
+    assert {(c, p) for c in Check for p in ("fp32", "fp16", "int8")} | int4 | deployed == set(TOLERANCES)
     assert default_tolerance("int8", ParityKind.LOGITS, 5.0) == Tolerance(cosine_min=0.99, top1_agreement=0.98)
     assert default_tolerance("fp32", ParityKind.EMBEDDING, 250.0) == Tolerance(max_abs=1e-4 * 250.0)
     assert default_tolerance("fp32", ParityKind.EMBEDDING, 0.5) == Tolerance(max_abs=1e-4)

@@ -25,6 +25,8 @@ from vlm_export.progress import Reporter, SilentReporter
 from vlm_export.quantize import CalibrationMethod, FeedReader, Int8Config, to_fp16, to_int8_cpu, to_int8_qdq
 from vlm_export.recipes import PRECISIONS, RECIPES, recipe
 from vlm_export.verify import ParityRecord
+from vlm_export.torch_offload import offloaded
+from vlm_export.verify.feeds import SampleStream
 
 def parse_precisions(text: str) -> tuple[str, ...]:
     """"fp16,int8" → ("fp32", "fp16", "int8"): fp32 is the source of the others, always built."""
@@ -50,6 +52,7 @@ class BuildOptions:
     int8_guard: bool = True
     force: bool = False
     latency_runs: int = 20
+    latency_budget_s: float | None = 15.0  # timed seconds per (PyTorch, variant) pair; None: no bound
     seed: int = 0
 
 
@@ -130,32 +133,35 @@ def _build_variants(
         check_graph(spec, paths["fp32"])
         check_against_torch(spec, paths["fp32"])
     release_freed_memory()  # each stage's freed heap back to the OS before the next (vlm_export.heap)
-    if "fp16" in opts.precisions:
-        with reporter.task(f"[{spec.name}] FP16 (norms kept FP32)"):
-            paths["fp16"] = to_fp16(paths["fp32"], writer.path(f"{base}.fp16.onnx"))
-        release_freed_memory()
-    if spec.weight_only:
-        from vlm_export.quantize.weight_only import build_weight_only
+    # The FP16/INT8 stages never run PyTorch: its weights wait on disk meanwhile, so
+    # onnxruntime.quantization's model copies do not stack on them (vlm_export.torch_offload).
+    with offloaded(spec.module):
+        if "fp16" in opts.precisions:
+            with reporter.task(f"[{spec.name}] FP16 (norms kept FP32)"):
+                paths["fp16"] = to_fp16(paths["fp32"], writer.path(f"{base}.fp16.onnx"))
+            release_freed_memory()
+        if spec.weight_only:
+            from vlm_export.quantize.weight_only import build_weight_only
 
-        paths.update(build_weight_only(spec, paths["fp32"], writer, opts.precisions, reporter))
-    if "int8" in opts.precisions and calib is not None and spec.int8:
-        stream = calib.stream.for_inputs([t.name for t in spec.inputs])
-        reader = FeedReader(stream)  # lazy: one batch of preprocessed samples alive at a time
-        config = Int8Config(method=opts.calibration_method)
-        if config.method is CalibrationMethod.AUTO:
-            from vlm_export.quantize.method_choice import SUBSET, choose_method
+            paths.update(build_weight_only(spec, paths["fp32"], writer, opts.precisions, reporter))
+        if "int8" in opts.precisions and calib is not None and spec.int8:
+            stream = calib.stream.for_inputs([t.name for t in spec.inputs])
+            reader = FeedReader(stream)  # lazy: one batch of preprocessed samples alive at a time
+            config = Int8Config(method=opts.calibration_method)
+            if config.method is CalibrationMethod.AUTO:
+                from vlm_export.quantize.method_choice import SUBSET, choose_method
 
-            with reporter.task(f"[{spec.name}] comparing minmax / entropy / percentile calibration"):
-                choice = choose_method(paths["fp32"], stream.head(SUBSET), {t.name: calib.check[t.name] for t in spec.inputs}, spec.parity_output, config)
-            methods[spec.name] = choice
-            config = Int8Config(method=CalibrationMethod(choice["chosen"]))
-            reporter.note(f"[{spec.name}] calibration method: {choice['chosen']} won")
-        cache = writer.path(f"{spec.name}/calibration_cache.json")
-        with reporter.task(f"[{spec.name}] INT8 QDQ calibration ({config.method.value}, {len(reader)} batches)"):
-            paths["int8"] = to_int8_qdq(paths["fp32"], writer.path(f"{base}.int8.onnx"), reader, config, cache_path=cache)
-        with reporter.task(f"[{spec.name}] INT8 for the CPU provider (fused GELU/attention, dynamic MatMul)"):
-            paths["int8-cpu"] = to_int8_cpu(paths["fp32"], writer.path(f"{base}.int8-cpu.onnx"))
-        guard[spec.name] = _guard_int8_variants(spec, paths, reader, config, cache, calib, opts, reporter)
+                with reporter.task(f"[{spec.name}] comparing minmax / entropy / percentile calibration"):
+                    choice = choose_method(paths["fp32"], stream.head(SUBSET), {t.name: calib.check[t.name] for t in spec.inputs}, spec.parity_output, config)
+                methods[spec.name] = choice
+                config = Int8Config(method=CalibrationMethod(choice["chosen"]))
+                reporter.note(f"[{spec.name}] calibration method: {choice['chosen']} won")
+            cache = writer.path(f"{spec.name}/calibration_cache.json")
+            with reporter.task(f"[{spec.name}] INT8 QDQ calibration ({config.method.value}, {len(reader)} batches)"):
+                paths["int8"] = to_int8_qdq(paths["fp32"], writer.path(f"{base}.int8.onnx"), reader, config, cache_path=cache)
+            with reporter.task(f"[{spec.name}] INT8 for the CPU provider (fused GELU/attention, dynamic MatMul)"):
+                paths["int8-cpu"] = to_int8_cpu(paths["fp32"], writer.path(f"{base}.int8-cpu.onnx"))
+            guard[spec.name] = _guard_int8_variants(spec, paths, reader, config, cache, calib, opts, reporter)
     return paths
 
 
@@ -195,52 +201,15 @@ def _guard_int8_variants(
 
 
 def _parity(
-    spec: ComponentSpec, paths: dict[str, Path], parity_feed: dict[str, np.ndarray], opts: BuildOptions, reporter: Reporter,
+    spec: ComponentSpec, paths: dict[str, Path], stream: SampleStream, opts: BuildOptions, reporter: Reporter,
     conditions: dict[str, Any] | None = None,
 ) -> list[ParityRecord]:
-    """Verdicts per variant, then batch-1 latency of PyTorch and every variant measured in
-    interleaved rounds (verify.latency); the measurement's machine state goes to
-    `conditions[spec.name]` (parity.json "latency_conditions")."""
-    from vlm_export.export import torch_outputs
-    from vlm_export.recipes import Evaluation
-    from vlm_export.runtime.session import create_session
-    from vlm_export.verify import compare, evaluate, first_sample, run_batched
-    from vlm_export.verify.evaluation import verdict_session
-    from vlm_export.verify.latency import interleaved, split_runs
+    """Verdicts per variant and batch-1 latency beside PyTorch, one variant's session at a
+    time (build_parity); the measurement's machine state goes to `conditions[spec.name]`
+    (parity.json "latency_conditions")."""
+    from vlm_export.build_parity import component_parity
 
-    feed = {t.name: parity_feed[t.name] for t in spec.inputs}
-    one = first_sample(feed)
-    records, sessions = [], {}
-    with reporter.task(f"[{spec.name}] parity vs PyTorch FP32", total=len(paths) + 1) as task:
-        reference = run_batched(lambda f: torch_outputs(spec, f), feed)
-        task.advance()
-        for key, path in paths.items():
-            session = sessions[key] = create_session(path, "cpu")  # what the runtime runs: latency, and the CPU kernels' outputs
-            outputs = _run_session(session, feed)
-            judged = outputs if recipe(key).evaluation is Evaluation.ORT_CPU else _run_session(verdict_session(path, key), feed)
-            record = evaluate(spec, key, recipe(key).precision, reference, judged, evaluation=recipe(key).evaluation)
-            if judged is not outputs:  # reported beside the verdict, labelled, never judged
-                record.beside["ort_cpu_kernels"] = compare(reference[spec.parity_output], outputs[spec.parity_output], spec.parity_kind)
-            records.append(record)
-            task.advance()
-    with reporter.task(f"[{spec.name}] latency: PyTorch and {len(sessions)} variant(s) in interleaved rounds", total=None):
-        candidates = {"pytorch-eager-cpu": lambda: torch_outputs(spec, one)}
-        candidates.update({key: (lambda s=s: s.run(None, one)) for key, s in sessions.items()})
-        rounds, per_round = split_runs(opts.latency_runs)
-        measured = interleaved(candidates, rounds, per_round)
-    for record in records:
-        record.latency["cpu"] = {**measured.stats[record.variant], "vs_pytorch": measured.ratio("pytorch-eager-cpu", record.variant)}
-        record.latency["pytorch-eager-cpu"] = measured.stats["pytorch-eager-cpu"]
-    if conditions is not None:
-        conditions[spec.name] = measured.conditions_json()
-    return records
-
-
-def _run_session(session: Any, feed: dict[str, Any]) -> dict[str, np.ndarray]:
-    from vlm_export.verify import run_batched
-
-    names = [o.name for o in session.get_outputs()]
-    return run_batched(lambda f: dict(zip(names, session.run(None, f))), feed)
+    return component_parity(spec, paths, stream, opts.latency_runs, reporter, conditions, opts.latency_budget_s)
 
 
 def _component_manifest(
@@ -254,7 +223,8 @@ def _component_manifest(
         made = recipe(key)
         rel = writer.relative(path)
         variants[key] = VariantEntry(
-            precision=made.precision, recipe=made.recipe, providers=made.providers, evaluation=made.evaluation.value,
+            precision=made.precision, recipe=made.recipe, evaluation=made.evaluation.value,
+            providers=tuple(p for p in made.providers if p not in spec.unsupported_providers),
             onnx=rel, sha256=writer.checksum(rel), bytes=path.stat().st_size,
             external_data=tuple(ExternalData(**e) for e in external_data_entries(path, writer.staging)),
             parity_passed=passed.get(key),
@@ -294,14 +264,16 @@ def build(opts: BuildOptions, reporter: Reporter | None = None) -> BuildResult:
         with reporter.task(f"Loading {family.name} model from {opts.model_dir}"):
             loaded = family.load(opts.model_dir)
         parity_images = _images(opts.parity_dir, "--parity-images", "parity", reporter)
-        parity_feed = family.sample_inputs(loaded, [img for _, img in parity_images])
+        # parity inputs made a batch at a time, per component (verify.feeds.SampleStream)
+        parity_stream = SampleStream([img for _, img in parity_images], lambda images: family.sample_inputs(loaded, images))
+        parity_stream.check()
         calib = _calibration_data(opts, family, loaded, reporter) if "int8" in opts.precisions else None
         result = BuildResult(out=opts.out)
         components, all_paths, latency_conditions = {}, {}, {}
         for spec in family.components(loaded):
             paths = all_paths[spec.name] = _build_variants(spec, writer, opts, calib, reporter, result.guard, result.methods)
-            release_freed_memory()  # before parity opens every variant's session at once
-            records = _parity(spec, paths, parity_feed, opts, reporter, latency_conditions)
+            release_freed_memory()  # before parity's sessions (one variant at a time)
+            records = _parity(spec, paths, parity_stream, opts, reporter, latency_conditions)
             result.records.extend(records)
             components[spec.name] = _component_manifest(spec, paths, writer, records, opts.precisions)
         end_to_end = _end_to_end(family, loaded, all_paths, [img for _, img in parity_images], reporter)

@@ -8,7 +8,10 @@ engine, whose paged KV cache needs the model builder's attention ops. Our graph 
 logits (batch, vocab). So this writes a copy with the embedding table in front (one
 Gather) and an Unsqueeze to (batch, 1, vocab) behind; genai accepts one-position logits
 and the KV-cache I/O already follow its names (`past_key_values.%d.key`, `present.%d.key`).
-Text-only: genai runs the language model on token ids; image answers stay with our loop
+`past_present_share_buffer` follows the manifest's `kv_share_buffer`: the
+GroupQueryAttention graph (families/gqa_attention.py) lets genai bind one max_length buffer
+per layer as past and present, on CPU too (tests/test_generate.py runs it); a bundle with
+the older Concat graph keeps genai's copy-per-step mode. Text-only: genai runs the language model on token ids; image answers stay with our loop
 (runtime.generate_llava), which splices the features in.
 """
 
@@ -65,7 +68,7 @@ def genai_config(gen: dict[str, Any], max_length: int) -> dict[str, Any]:
             },
         },
         "search": {"do_sample": False, "max_length": max_length, "min_length": 0, "num_beams": 1, "num_return_sequences": 1,
-                   "past_present_share_buffer": False, "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 1, "top_p": 1.0},
+                   "past_present_share_buffer": bool(gen.get("kv_share_buffer", False)), "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 1, "top_p": 1.0},
     }
 
 

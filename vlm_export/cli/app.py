@@ -15,6 +15,7 @@ from vlm_export.cli.chat import chat
 from vlm_export.cli.compare import compare
 from vlm_export.cli.engine import engine
 from vlm_export.cli.errors import OneLineUsageGroup
+from vlm_export.cli.genai import genai
 from vlm_export.cli.run import inspect, run
 
 app = typer.Typer(
@@ -25,7 +26,7 @@ app = typer.Typer(
     cls=OneLineUsageGroup,  # usage errors (missing option, unknown flag) as one line, exit 2
 )
 
-for _command in (build, run, chat, inspect, engine, bench, compare):
+for _command in (build, run, chat, genai, inspect, engine, bench, compare):
     app.command()(_command)
 
 

@@ -58,7 +58,8 @@ def inspect(bundle: Path = typer.Argument(..., help="A bundle folder made by `vl
             except VlmExportError as exc:
                 ok = f"BAD: {exc}"
                 bad.append(f"{name}/{key}")
-            size = variant.path.stat().st_size / 1e6 if variant.path.exists() else 0.0
+            files = [variant.path, *(e.path for e in variant.external_data)]  # the graph and its external data
+            size = sum(f.stat().st_size for f in files if f.exists()) / 1e6
             verdict = {True: "pass", False: "FAIL", None: "–"}[variant.parity_passed]
             table.add_row(name, key, variant.precision, ", ".join(variant.providers), f"{size:.1f}", variant.sha256[:12], ok, verdict)
     Console().print(table)

@@ -92,6 +92,11 @@ class ComponentSpec:
     # Weight-only variant keys (recipes.py, e.g. "int4", "int8-wo") for a language model:
     # MatMul weights quantized block-wise (quantize/weight_only.py), activations float.
     weight_only: tuple[str, ...] = ()
+    # Providers this graph cannot run on whatever its recipe says, e.g. a language model
+    # built on onnxruntime's com.microsoft GroupQueryAttention: TensorRT's ONNX parser has
+    # no contrib ops (LLMs on TensorRT are TensorRT-LLM's or Edge-LLM's job, not an ONNX
+    # engine). Dropped from the manifest's providers, so no engine is planned for it.
+    unsupported_providers: frozenset[str] = frozenset()
     # Every symbolic input dimension: which target range sizes it, the range the model
     # itself allows, and whether it is a KV-cache axis. Recorded in the manifest
     # (`components.<c>.dims`) for engine profiles and benchmark sizes. Defaults to a

@@ -4,7 +4,8 @@ Reference: `model.generate(input_ids, pixel_values, do_sample=False)` on the par
 images with one question, the ids made as the runtime makes them (its chat template and
 image-token expansion; tests/test_generate.py checks those equal the HF processor's).
 Candidate per `language_model` variant: the runtime's loop (runtime.generate_llava) over
-that variant, the vision graph of the same key where it has one, else FP32. Reported
+that variant, the vision graph of the same key where it has one, else FP32; and per
+deployed pair (INT8 vision + weight-only LM, families.generation_deployed). Reported
 per variant: exact-match rate, first divergence per image, KV cache = no cache, and the
 per-step logits cosine with the variant fed the reference's tokens (teacher forcing), so
 the cosine is measured on every step even after the answers part.
@@ -101,11 +102,12 @@ def compare_answers(reference: Mapping[str, Any], got: Mapping[str, Any], precis
 
 
 def generation_parity(loaded: LoadedModel, variants: Mapping[str, Mapping[str, Path]], images: Sequence[Any]) -> list["ParityRecord"]:
-    """One "generate" record per `language_model` variant ([] for a vision-only bundle)."""
+    """"generate" records per `language_model` variant and "generate deployed" records
+    (families.generation_deployed); [] for a vision-only bundle."""
     from vlm_export.families.common import pixel_values as to_pixels
+    from vlm_export.families.generation_deployed import generation_records
     from vlm_export.families.llava_language import language_side, prompt_embeds
     from vlm_export.runtime.generate import Sampling, Trace
-    from vlm_export.verify import check_variants
     from vlm_export.verify.evaluation import verdict_session
 
     if "language_model" not in variants or not images:
@@ -114,15 +116,10 @@ def generation_parity(loaded: LoadedModel, variants: Mapping[str, Mapping[str, P
     _, prompt_ids = prompt_embeds(loaded, image_features(loaded, pixels[:1]), PARITY_PROMPT)
     reference = reference_answers(loaded, pixels, prompt_ids, PARITY_MAX_NEW_TOKENS)
     sampling = Sampling(PARITY_MAX_NEW_TOKENS)
-    lm_paths = variants["language_model"]
 
-    def chosen(key: str) -> dict[str, str]:
-        return {name: key if key in paths else "fp32" for name, paths in variants.items()}
-
-    def candidate(key: str) -> dict[str, Any]:
-        runner = SessionRunner(verdict_session(lm_paths[key], key))
-        side = language_side(loaded, runner)
-        vision = verdict_session(variants["vision_projector"][chosen(key)["vision_projector"]], chosen(key)["vision_projector"])
+    def candidate(vision_key: str, key: str) -> dict[str, Any]:
+        side = language_side(loaded, SessionRunner(verdict_session(variants["language_model"][key], key)))
+        vision = verdict_session(variants["vision_projector"][vision_key], vision_key)
         features = vision.run(["image_features"], {"pixel_values": pixels})[0]
         raw = side.template is None  # no chat template: the question with the image token, as prompt_embeds made it
         question = f"{side.config.image_token}\n{PARITY_PROMPT}" if raw else PARITY_PROMPT
@@ -135,8 +132,7 @@ def generation_parity(loaded: LoadedModel, variants: Mapping[str, Mapping[str, P
         out["uncached"] = list(side.tokens(features[0], question, sampling, Trace(), raw=raw, use_cache=False))
         return out
 
-    return check_variants("generate", lm_paths, lambda: reference, candidate, compare_answers,
-                          lambda key, got: {"components": chosen(key), "answers": got["ids"]})
+    return generation_records(reference, candidate, variants, "vision_projector", compare_answers)
 
 
 class SessionRunner:

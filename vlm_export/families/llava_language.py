@@ -125,7 +125,12 @@ def language_model_spec(module: Any, geometry: LmGeometry, weight_only: tuple[st
         new, seen = step_shape(batch)
         feed = {"inputs_embeds": rng.standard_normal((batch, new, g.hidden_size), dtype=np.float32),
                 "attention_mask": np.ones((batch, seen + new), dtype=np.int64)}
-        feed["attention_mask"][0, 0] = 0 if seen + new > 1 else 1  # a padded column: the mask path is exercised
+        # a padded column: the mask path is exercised. Column 1, not 0: with an empty past a
+        # padded column 0 leaves query row 0 nothing to attend to, a row whose output no
+        # implementation defines (HF's eager mask averages all columns, onnxruntime's
+        # GroupQueryAttention takes the row's own key) and that generation never reads
+        if seen + new > 1:
+            feed["attention_mask"][0, 1] = 0
         pos = np.broadcast_to(np.arange(seen, seen + new, dtype=np.int64), (batch, new))
         feed["position_ids"] = np.array(np.broadcast_to(pos[:, None], (batch, 3, new)) if g.mrope else pos)  # writable copy
         feed |= {n: rng.standard_normal((batch, g.num_kv_heads, seen, g.head_dim), dtype=np.float32) for n in past_names(g.num_layers)}
@@ -143,6 +148,7 @@ def language_model_spec(module: Any, geometry: LmGeometry, weight_only: tuple[st
         dims=lm_dims(g.max_positions),
         int8=False,  # static QDQ of a decoder is not what edge LLM runtimes run: weight-only INT8/INT4 instead
         weight_only=weight_only,
+        unsupported_providers=frozenset({"tensorrt", "tensorrt-ep"}),  # GroupQueryAttention (families.gqa_attention)
     )
 
 

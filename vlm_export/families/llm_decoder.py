@@ -1,8 +1,8 @@
 """The `language_model` export wrapper for decoder-only LMs (Llama, Mistral, Qwen2, Qwen2-VL's).
 
 Why one graph for prefill and decode (as BLIP's decoder, blip_decoder.py): the first step
-feeds a past of length 0, a Concat with an empty tensor that ONNX, onnxruntime and
-onnxruntime-genai accept, so one copy of the weights serves the whole loop and the
+feeds a past of length 0 (or, with a shared buffer, the buffer: the first-prompt path
+reads none of it), so one copy of the weights serves the whole loop and the
 quantizers never meet an `If` subgraph. The I/O names follow optimum and onnxruntime-genai:
 `inputs_embeds`, `attention_mask` (batch, past + new), `position_ids`,
 `past_key_values.N.key/value` in; `logits` and `present.N.key/value` out.
@@ -12,8 +12,10 @@ Why `logits` of the last position only: generation reads nothing else, and the f
 77 MB per prefill for nothing.
 
 The wrapper calls the model's own modules (projections, RMSNorm, MLP, rotary embedding,
-its `apply_rotary_pos_emb`) and spells out only the attention core and the cache
-concatenation, as HF's eager attention computes them; the family's end-to-end check
+its `apply_rotary_pos_emb`) and spells out only the attention core: in the exported graph
+onnxruntime's GroupQueryAttention, whose past and present may share one max-length buffer
+so that no copy grows per decode step (families/gqa_attention.py says why and how); in
+PyTorch HF's eager attention with a Concat, the reference. The family's end-to-end check
 compares the runtime's greedy tokens with `model.generate`.
 """
 
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from vlm_export.families.blip_decoder import _positional
+from vlm_export.families.gqa_attention import causal_mask, eager, group_query_attention, padding_bias
 
 # (sequence, past_sequence) per check batch: the export traces batch 2; the ORT checks run
 # batch 1 (a prompt with an empty past) and batch 3 (one token after a past).
@@ -55,6 +58,9 @@ class LmGeometry:
     vocab_size: int
     max_positions: int
     mrope: bool = False  # Qwen2-VL: position_ids (batch, 3, sequence), transposed to HF's (3, batch, sequence) inside
+    # the graph's attention is GroupQueryAttention (families.gqa_attention): a caller may bind
+    # one capacity-long buffer as both past and present (onnxruntime-genai's past_present_share_buffer)
+    kv_share_buffer: bool = True
 
     @classmethod
     def from_text_config(cls, text: Any, mrope: bool = False) -> "LmGeometry":
@@ -75,8 +81,12 @@ def _rotary_apply(attention: Any, text_config: Any) -> Callable[[Any, Any, Any, 
     return module.apply_rotary_pos_emb
 
 
-def decoder_step(language_model: Any, lm_head: Any, geometry: LmGeometry) -> Any:
-    """A torch module: (inputs_embeds, attention_mask, position_ids, *past) → (logits, *present)."""
+def decoder_step(language_model: Any, lm_head: Any, geometry: LmGeometry, contrib_attention: bool = True) -> Any:
+    """A torch module: (inputs_embeds, attention_mask, position_ids, *past) → (logits, *present).
+
+    `contrib_attention=False` exports the attention as plain ONNX ops with a Concat-grown
+    present (the graph before GroupQueryAttention; benchmarks compare the two), and its
+    geometry must then say `kv_share_buffer=False`."""
     import torch
 
     layers = list(language_model.layers)
@@ -97,10 +107,12 @@ def decoder_step(language_model: Any, lm_head: Any, geometry: LmGeometry) -> Any
             if g.mrope:  # (batch, 3, sequence) in the graph: the sample axis first, as every input here
                 position_ids = position_ids.transpose(0, 1)
             cos, sin = self.lm.rotary_emb(hidden, position_ids)
-            query_pos = torch.arange(new, device=hidden.device) + seen
-            columns = torch.arange(attention_mask.shape[1], device=hidden.device)
-            allowed = (columns[None, :] <= query_pos[:, None])[None, None] & (attention_mask[:, None, None, :] > 0)
-            mask = torch.where(allowed, 0.0, torch.finfo(hidden.dtype).min).to(hidden.dtype)
+            # the graph gets the contrib op, PyTorch the eager reference
+            exporting = contrib_attention and torch.onnx.is_in_onnx_export()
+            if exporting:
+                bias = padding_bias(attention_mask, new, hidden.dtype)
+            else:
+                mask = causal_mask(attention_mask, new, seen, hidden.dtype)
             presents = []
             for i, layer in enumerate(self.lm.layers):
                 attn = layer.self_attn
@@ -109,15 +121,12 @@ def decoder_step(language_model: Any, lm_head: Any, geometry: LmGeometry) -> Any
                 k = attn.k_proj(normed).view(batch, new, g.num_kv_heads, g.head_dim).transpose(1, 2)
                 v = attn.v_proj(normed).view(batch, new, g.num_kv_heads, g.head_dim).transpose(1, 2)
                 q, k = apply_rotary(q, k, cos, sin)
-                k = torch.cat([past[2 * i], k], dim=2)
-                v = torch.cat([past[2 * i + 1], v], dim=2)
+                if exporting:
+                    ctx, k, v = group_query_attention(q, k, v, past[2 * i], past[2 * i + 1], attention_mask, bias,
+                                                      attn.scaling, g.num_heads, g.num_kv_heads)
+                else:
+                    ctx, k, v = eager(q, k, v, past[2 * i], past[2 * i + 1], mask, attn.scaling, groups)
                 presents += [k, v]
-                if groups > 1:
-                    k = k.repeat_interleave(groups, dim=1)
-                    v = v.repeat_interleave(groups, dim=1)
-                scores = torch.matmul(q, k.transpose(2, 3)) * attn.scaling + mask
-                probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-                ctx = torch.matmul(probs, v).transpose(1, 2).reshape(batch, new, -1)
                 hidden = hidden + attn.o_proj(ctx)
                 hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
             # (batch, 1, hidden) keeps the head a MatMul (a 2-D input exports as Gemm, which the

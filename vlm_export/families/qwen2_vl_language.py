@@ -132,10 +132,11 @@ def _reference(loaded: LoadedModel, ids: np.ndarray, feed: Mapping[str, np.ndarr
 
 def generation_parity(loaded: LoadedModel, family: Any, variants: Mapping[str, Mapping[str, Path]],
                       images: Sequence[Any]) -> list["ParityRecord"]:
-    """One "generate" record per language_model variant: runtime answers vs `model.generate`."""
+    """"generate" per language_model variant and "generate deployed" per shipped pair
+    (families.generation_deployed): runtime answers vs `model.generate`."""
+    from vlm_export.families.generation_deployed import generation_records
     from vlm_export.families.generation_parity import SessionRunner
     from vlm_export.runtime.generate import Sampling, Trace
-    from vlm_export.verify import check_variants
     from vlm_export.verify.evaluation import verdict_session
 
     if "language_model" not in variants or "lm_step" not in loaded.extra or not images:
@@ -149,9 +150,8 @@ def generation_parity(loaded: LoadedModel, family: Any, variants: Mapping[str, M
     reference = {"ids": [r[0] for r in refs], "logits": [r[1] for r in refs]}
     sampling = Sampling(PARITY_MAX_NEW_TOKENS)
 
-    def candidate(key: str) -> dict[str, Any]:
+    def candidate(vision_key: str, key: str) -> dict[str, Any]:
         side = side_of(loaded, SessionRunner(verdict_session(variants["language_model"][key], key)))
-        vision_key = key if key in variants["vision"] else "fp32"
         vision = verdict_session(variants["vision"][vision_key], vision_key)
         question, raw = _question(side, PARITY_PROMPT)
         out: dict[str, Any] = {"ids": [], "forced_logits": []}
@@ -165,8 +165,7 @@ def generation_parity(loaded: LoadedModel, family: Any, variants: Mapping[str, M
         out["uncached"] = list(side.tokens_for(first, grid, question, sampling, Trace(), raw=raw, use_cache=False))
         return out
 
-    return check_variants("generate", variants["language_model"], lambda: reference, candidate, compare_answers,
-                          lambda key, got: {"answers": got["ids"]})
+    return generation_records(reference, candidate, variants, "vision", compare_answers)
 
 
 def _forced(side: Any, features: np.ndarray, grid: np.ndarray, question: str, raw: bool, tokens: list[int]) -> np.ndarray:

@@ -29,6 +29,7 @@ def fuse_for_cpu(onnx_path: Path, out_path: Path) -> dict[str, int]:
 
     model, counts = _fused(ir.load(str(onnx_path)), attention=True)
     if any(node.domain == _INTERMEDIATE_DOMAIN for node in model.graph):
+        del model  # the attempt is dropped before the graph is read again: one copy alive, not two
         model, counts = _fused(ir.load(str(onnx_path)), attention=False)
     from vlm_export.export.external import data_location, is_large
 

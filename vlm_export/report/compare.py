@@ -113,7 +113,7 @@ def load_snapshots(bundle: Path, manifest_obj: Any = None) -> tuple[bool | None,
                 passed=rec.get("passed"),
                 metrics={m: float(rec["metrics"][m]) for m in METRICS if rec["metrics"].get(m) is not None},
                 p50_ms={p: float(v["p50_ms"]) for p, v in rec.get("latency", {}).items() if not p.startswith("pytorch") and "p50_ms" in v},
-                bytes=variant.bytes if variant is not None else None,
+                bytes=variant.total_bytes if variant is not None else None,
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise BundleError(f"'{bundle}/parity.json' has a malformed record ({exc!r}); rebuild the bundle") from None

@@ -12,7 +12,8 @@ from typing import Any, Mapping
 
 from vlm_export.bundle.schema import Manifest, as_manifest
 from vlm_export.report.tables import (
-    Status, Table, bench_tables, calibration_tables, end_to_end_table, guard_tables, latency_busy, latency_table, speedup_text,
+    Status, Table, bench_tables, calibration_tables, end_to_end_table, generation_table, guard_tables, latency_busy, latency_table,
+    speedup_text,
 )
 
 
@@ -48,7 +49,7 @@ def parity_rows(manifest: Manifest | Mapping[str, Any], parity: dict[str, Any], 
                 _fmt(m.get("top1_agreement")),
                 _fmt(cpu.get("p50_ms"), 3),
                 speedup,
-                _fmt(variant.bytes / 1e6 if variant.bytes is not None else None, 1),
+                _fmt(variant.total_bytes / 1e6 if variant.total_bytes is not None else None, 1),
             ]
         )
     return rows
@@ -81,7 +82,7 @@ def extra_sections(parity: dict[str, Any], bench: dict[str, Any] | None = None, 
 
     `plots` maps a relative PNG path (e.g. `plots/latency.png`) to its caption.
     """
-    parts = [md_table(t) for t in [end_to_end_table(parity), *guard_tables(parity), *calibration_tables(parity)] if t.rows]
+    parts = [md_table(t) for t in [end_to_end_table(parity), generation_table(parity), *guard_tables(parity), *calibration_tables(parity)] if t.rows]
     if plots:
         parts += ["## Plots", ""] + [f"![{caption}]({path})\n" for path, caption in plots.items()]
     parts += [md_table(t) for t in bench_tables(bench)]

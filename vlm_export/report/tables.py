@@ -193,10 +193,10 @@ def size_table(manifest: Manifest) -> Table:
     """Per variant: file size, the saving against FP32, recipe and intended providers."""
     rows = []
     for name, comp in manifest.components.items():
-        fp32 = comp.variants["fp32"].bytes if "fp32" in comp.variants else None
+        fp32 = comp.variants["fp32"].total_bytes if "fp32" in comp.variants else None
         for key, v in comp.variants.items():
-            ratio = f"{fp32 / v.bytes:.2f}× smaller" if fp32 and v.bytes and key != "fp32" else DASH
-            mb = f"{v.bytes / 1e6:.1f}" if v.bytes else DASH
+            ratio = f"{fp32 / v.total_bytes:.2f}× smaller" if fp32 and v.total_bytes and key != "fp32" else DASH
+            mb = f"{v.total_bytes / 1e6:.1f}" if v.total_bytes else DASH
             rows.append(_cells(name, key, v.recipe or DASH, ", ".join(v.providers), mb, ratio, v.onnx))
     header = ("component", "variant", "recipe", "for providers", "MB", "vs FP32", "file")
     return Table("Variants and sizes", header, tuple(rows))
@@ -230,13 +230,43 @@ def _guard_entries(parity: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]
 def end_to_end_table(parity: dict[str, Any]) -> Table:
     """What the user sees end to end (zero-shot argmax, captions, projector features)."""
     rows = []
-    for rec in parity.get("end_to_end") or []:
+    for rec in [r for r in parity.get("end_to_end") or [] if r.get("name") not in _ANSWERS]:  # answers: generation_table
         metrics = ", ".join(f"{k} {fmt(v, 6 if 'cos' in k or 'agreement' in k else 4)}" for k, v in rec.get("metrics", {}).items() if k not in _NOT_SHOWN)
         tolerance = ", ".join(f"{k} {fmt(v)}" for k, v in rec.get("tolerance", {}).items())
         failures = "; ".join(rec.get("failures", [])) or DASH
         rows.append((Cell(rec.get("name", DASH)), Cell(rec.get("variant", DASH)), verdict_cell(rec.get("passed")),
                      Cell(metrics), Cell(tolerance or DASH), Cell(failures, Status.FAIL if rec.get("failures") else Status.PLAIN)))
     return Table("End-to-end parity", ("check", "variant", "verdict", "metrics", "tolerance", "reasons"), tuple(rows))
+
+
+_ANSWERS = ("generate", "generate deployed")  # VLM answer records: families.generation_parity, generation_deployed
+
+
+def generation_table(parity: dict[str, Any]) -> Table:
+    """VLM answers vs `model.generate` FP32: per language-model variant, then the deployed pairs."""
+    rows = []
+    for rec in [r for r in parity.get("end_to_end") or [] if r.get("name") in _ANSWERS]:
+        m, tol, parts = rec.get("metrics", {}), rec.get("tolerance", {}), dict(rec.get("components") or {})
+        lm = parts.pop("language_model", rec.get("variant"))
+        firsts = rec.get("first_divergence") or []
+        cos, bound = m.get("step_logits_cosine_min"), tol.get("step_logits_cosine_min")
+        cos_cell = _against(cos, bound, upper=False)
+        cos_cell = Cell(f"{fmt(cos, 6)} (≥ {bound:g})", cos_cell.status) if cos is not None and bound is not None else cos_cell
+        exact = f"{round(m['exact_match'] * len(firsts))}/{len(firsts)}" if firsts and "exact_match" in m else fmt(m.get("exact_match"))
+        rows.append(_cells(f"deployed {rec['deployment']}" if rec.get("deployment") else "LM variant", next(iter(parts.values()), DASH),
+                           lm, verdict_cell(rec.get("passed")), exact, ", ".join("same" if f < 0 else str(f) for f in firsts) or DASH,
+                           cos_cell,
+                           Cell(fmt(m.get("step_logits_cosine_mean"), 6)), m.get("forced_top1_agreement"),
+                           fmt(bool(m["cache_equals_no_cache"])) if "cache_equals_no_cache" in m else DASH,
+                           Cell("; ".join(rec.get("failures", [])) or DASH, Status.FAIL if rec.get("failures") else Status.PLAIN)))
+    header = ("record", "vision", "language model", "verdict", "exact match", "first divergence per image", "step cos min (tol)",
+              "step cos mean", "forced top-1", "cache = no cache", "reasons")
+    note = ("Greedy answers of the runtime vs transformers' `generate(do_sample=False)` in FP32 on the parity images. "
+            "LM variant: that language model behind the vision variant of the same key (FP32 when the vision has none); "
+            "deployed: the vision + language-model pair a user ships. Judged on the per-step logits cosine with the "
+            "reference's tokens fed (teacher forcing); exact match and first divergence are reported, not judged "
+            "(a near-tie flips a greedy token).")
+    return Table("Answers vs model.generate", header, tuple(rows), note=note)
 
 
 def guard_tables(parity: dict[str, Any]) -> list[Table]:
@@ -351,7 +381,7 @@ def _vs_text(vs: Any, busy: str | None) -> Cell:
 def all_tables(manifest: Manifest, parity: dict[str, Any], bench: dict[str, Any] | None = None) -> list[Table]:
     """Every table of the report in reading order (the ones with data only)."""
     tables: Iterable[Table | None] = [
-        parity_table(parity), end_to_end_table(parity), *guard_tables(parity), *calibration_tables(parity),
+        parity_table(parity), end_to_end_table(parity), generation_table(parity), *guard_tables(parity), *calibration_tables(parity),
         latency_table(parity), *bench_tables(bench), size_table(manifest),
     ]
     return [t for t in tables if t is not None and t.rows]

@@ -39,6 +39,7 @@ class LanguageConfig:
     tokenizer: str
     embed_tokens: str
     chat_template: str | None
+    kv_share_buffer: bool = False  # the LM graph takes one capacity-long buffer as past and present (runtime.kv_binding)
 
     @classmethod
     def from_section(cls, section: Any) -> "LanguageConfig":
@@ -51,7 +52,8 @@ class LanguageConfig:
             return cls(**ints, eos_token_ids=tuple(int(e) for e in section["eos_token_ids"]),
                        image_token=str(section["image_token"]), chat_content=str(section.get("chat_content", "string")),
                        special_tokens=dict(section.get("special_tokens") or {}), tokenizer=str(section["tokenizer"]),
-                       embed_tokens=str(section["embed_tokens"]), chat_template=section.get("chat_template"))
+                       embed_tokens=str(section["embed_tokens"]), chat_template=section.get("chat_template"),
+                       kv_share_buffer=bool(section.get("kv_share_buffer", False)))
         except (KeyError, TypeError, ValueError) as exc:
             raise BundleError(f"manifest.json 'generation' is missing or has a malformed {exc}; rebuild the bundle") from None
 

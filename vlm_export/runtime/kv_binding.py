@@ -11,12 +11,12 @@ binding changes no bytes; the one host allocation that grew per step was the loo
 attention mask, now a view of one buffer (runtime.generate.decode). Python allocates the
 same bytes at every step (tests/test_generate_kv.py).
 
-What stays: the graph appends the new keys/values with a Concat (families/llm_decoder.py),
-so onnxruntime writes a present of past + new rows per layer per step. That copy is
-inside the graph, its length is bounded by prompt + max_new_tokens (`KvCache.capacity`,
-itself refused above the model's context), and removing it needs a fixed-capacity buffer
-updated in place (onnxruntime's GroupQueryAttention with a shared past/present buffer, as
-onnxruntime-genai builds it): not done here.
+What changed with the GroupQueryAttention graph (families/gqa_attention.py): a bundle whose
+manifest says `kv_share_buffer` gets one buffer per layer's key and value of `capacity`
+positions (prompt + max_new_tokens), allocated on the first step and bound once as both
+`past_key_values.N.*` and `present.N.*`; onnxruntime writes each step's new rows into it
+in place, so no copy grows with the cache (`cache_bytes` stays at the capacity, the
+buffers keep their address). Older bundles (a Concat graph) keep the growing present.
 
 The device choice is a pure function (`binding_device`) so that the CUDA path is tested on
 machines without a GPU; the CUDA run itself is tested where CUDAExecutionProvider exists.
@@ -78,7 +78,7 @@ class BoundStep:
     """
 
     def __init__(self, session: Any, layers: int, kv_heads: int, head_dim: int, capacity: int,
-                 max_positions: int) -> None:
+                 max_positions: int, share_buffer: bool = False) -> None:
         import onnxruntime as ort
 
         if capacity > max_positions:
@@ -95,9 +95,11 @@ class BoundStep:
         self.embeds_dtype = _ORT_TYPES.get(types.get("inputs_embeds", "tensor(float)"), np.float32)
         self.kv_shape = (kv_heads, head_dim)
         self.binding = session.io_binding()
+        self.share_buffer = share_buffer
+        self._shared: KvCache | None = None  # the capacity-long buffers, bound once (share_buffer)
         self.steps = 0
         self.host_bytes: list[int] = []  # per step: bytes handed to numpy (the logits): constant
-        self.cache_bytes: list[int] = []  # per step: bytes of the presents onnxruntime wrote (the graph's Concat)
+        self.cache_bytes: list[int] = []  # per step: bytes of the presents onnxruntime holds (constant when shared)
 
     def empty(self, batch: int) -> KvCache:
         """A past of length 0: the prefill's input (one graph for both steps). Held in host
@@ -108,31 +110,74 @@ class BoundStep:
 
     def __call__(self, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray,
                  past: KvCache | None) -> tuple[np.ndarray, KvCache]:
+        if self.share_buffer:
+            return self._shared_step(embeds, mask, positions, past)
         past = self.empty(embeds.shape[0]) if past is None else past
-        length = past.length + embeds.shape[1]
-        if length > past.capacity:
-            raise InputError(f"the KV cache would hold {length} positions, over this generation's bound of "
-                             f"{past.capacity} (prompt + max_new_tokens)")
+        length = self._checked_length(past, embeds)
         binding = self.binding
         binding.clear_binding_inputs()
         binding.clear_binding_outputs()
-        # the new token's rows are small: bound from host memory, onnxruntime copies them over
-        binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds, dtype=self.embeds_dtype))
-        binding.bind_cpu_input("attention_mask", np.ascontiguousarray(mask, dtype=np.int64))
-        binding.bind_cpu_input("position_ids", np.ascontiguousarray(positions, dtype=np.int64))
+        self._bind_step(embeds, mask, positions)
         for name in self.past_names:
             binding.bind_ortvalue_input(name, past.values[name])
-        binding.bind_output("logits", "cpu")  # (batch, vocab): read on the host to choose the token
         for name in self.present_names:
             binding.bind_output(name, self.device.name, self.device.index)  # allocated on the device
         self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()  # OrtValues sharing the buffers: nothing copied here
-        logits = outputs[0].numpy()
         present = {p: outputs[1 + i] for i, p in enumerate(self.past_names)}
+        return self._finish(outputs[0], KvCache(present, length, past.capacity))
+
+    def _checked_length(self, past: KvCache, embeds: np.ndarray) -> int:
+        length = past.length + embeds.shape[1]
+        if length > past.capacity:
+            raise InputError(f"the KV cache would hold {length} positions, over this generation's bound of "
+                             f"{past.capacity} (prompt + max_new_tokens)")
+        return length
+
+    def _bind_step(self, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> None:
+        """The step's own inputs and the logits output; the new token's rows are small: bound
+        from host memory, onnxruntime copies them over. Binding a name again replaces it."""
+        binding = self.binding
+        binding.bind_output("logits", "cpu")  # (batch, vocab): read on the host to choose the token
+        binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds, dtype=self.embeds_dtype))
+        binding.bind_cpu_input("attention_mask", np.ascontiguousarray(mask, dtype=np.int64))
+        binding.bind_cpu_input("position_ids", np.ascontiguousarray(positions, dtype=np.int64))
+
+    def _shared_step(self, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray,
+                     past: KvCache | None) -> tuple[np.ndarray, KvCache]:
+        """One step over the capacity-long buffers: `past` None starts the sequence over (the
+        kernel's first-prompt path reads nothing of the buffer), else it must be the last result."""
+        if self._shared is None or self._shared.values[self.past_names[0]].shape()[0] != embeds.shape[0]:
+            self._allocate(embeds.shape[0])
+        cache = self._shared
+        if past is not None and past.values is not cache.values:
+            raise InputError("this step shares one KV buffer per layer: pass the cache its last call returned, or None")
+        cache.length = self._checked_length(KvCache(cache.values, 0 if past is None else past.length, cache.capacity), embeds)
+        self._bind_step(embeds, mask, positions)
+        self.session.run_with_iobinding(self.binding)
+        return self._finish(self.binding.get_outputs()[0], KvCache(cache.values, cache.length, cache.capacity))
+
+    def _allocate(self, batch: int) -> None:
+        """One (batch, kv_heads, capacity, head_dim) buffer per past input, bound as that
+        past and as its present; logits bound first so it stays output 0."""
+        shape = [batch, self.kv_shape[0], self.capacity, self.kv_shape[1]]
+        values = {name: self._ort.OrtValue.ortvalue_from_shape_and_type(shape, self.kv_dtype, self.device.name, self.device.index)
+                  for name in self.past_names}
+        binding = self.binding
+        binding.clear_binding_inputs()
+        binding.clear_binding_outputs()
+        binding.bind_output("logits", "cpu")
+        for past_name, present_name in zip(self.past_names, self.present_names):
+            binding.bind_ortvalue_input(past_name, values[past_name])
+            binding.bind_ortvalue_output(present_name, values[past_name])
+        self._shared = KvCache(values, 0, self.capacity)
+
+    def _finish(self, logits_value: Any, cache: KvCache) -> tuple[np.ndarray, KvCache]:
+        logits = logits_value.numpy()
         self.steps += 1
         self.host_bytes.append(int(logits.nbytes))
-        self.cache_bytes.append(sum(int(v.tensor_size_in_bytes()) for v in present.values()))
-        return logits, KvCache(present, length, past.capacity)
+        self.cache_bytes.append(sum(int(v.tensor_size_in_bytes()) for v in cache.values.values()))
+        return logits, cache
 
 
 def bound_step(runner: Any, config: Any, capacity: int) -> BoundStep | None:
@@ -141,4 +186,5 @@ def bound_step(runner: Any, config: Any, capacity: int) -> BoundStep | None:
     session = getattr(runner, "session", None)
     if session is None or not hasattr(session, "io_binding"):
         return None
-    return BoundStep(session, config.num_layers, config.num_kv_heads, config.head_dim, capacity, config.max_positions)
+    return BoundStep(session, config.num_layers, config.num_kv_heads, config.head_dim, capacity, config.max_positions,
+                     share_buffer=bool(getattr(config, "kv_share_buffer", False)))

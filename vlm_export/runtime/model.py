@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -242,6 +242,7 @@ def load(
     components: Sequence[str] | None = None,
     variant: str | None = None,
     target: str | None = None,
+    component_variants: Mapping[str, str] | None = None,
 ) -> BundleModel:
     """Open bundle OUT on `provider` at `precision`, verifying paths and checksums.
 
@@ -249,7 +250,10 @@ def load(
     the CPU) and overrides the choice by precision and provider. `target` (a name from
     `vlm_export.engines.targets`) gives the TensorRT EP the profile shapes and flags the
     build recorded for it; the EP's caches go outside the bundle (`runtime.tensorrt`).
-    Defaults to FP32 on the CPU provider.
+    `component_variants` names an exact variant per component, over `precision` and
+    `variant`: what a VLM ships is an INT8 vision tower with a weight-only language model,
+    `{"vision_projector": "int8-cpu", "language_model": "int4-cpu"}` (parity.json's
+    "generate deployed" records judge such pairs). Defaults to FP32 on the CPU provider.
     """
     manifest = read_manifest(Path(bundle))
     model_class = _model_class(manifest.family)
@@ -257,11 +261,14 @@ def load(
         raise BundleError(f"bundle family '{manifest.family}' is not known to this runtime; upgrade vlm-export")
     prov = Provider.parse(provider)
     names = list(components or manifest.components)
+    per_component = dict(component_variants or {})
     runners = {}
-    for name in names:
+    for name in [*names, *per_component]:
         if name not in manifest.components:
             raise InputError(f"unknown component '{name}'; the bundle has {', '.join(manifest.components)}")
-        chosen = _pick(manifest.variants(name), precision, prov, variant, manifest.component(name).fp32_fallback or ())
+    for name in names:
+        exact = per_component.get(name, variant)
+        chosen = _pick(manifest.variants(name), precision, prov, exact, manifest.component(name).fp32_fallback or ())
         verify_file(chosen)
         check_external_data(chosen)
         if chosen.parity_passed is False:

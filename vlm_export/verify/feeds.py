@@ -8,7 +8,8 @@ outputs are zero-padded to one shape and stacked (`pad_stack`).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -46,4 +47,64 @@ def run_batched(
         return {name: pad_stack([r[name] for r in runs]) for name in runs[0]}
     if len(runs) == 1:
         return dict(runs[0])
+    return {name: np.concatenate([r[name] for r in runs]) for name in runs[0]}
+
+
+@dataclass(frozen=True)
+class SampleStream:
+    """Parity samples made a batch at a time from `images` by `preprocess`
+    (Family.sample_inputs): memory holds one batch of model inputs, whatever the number of
+    parity images (the images themselves are the caller's).
+
+    Why: the build used to preprocess every parity image into one feed up front, so the
+    inputs grew with the parity folder; batching the same images in the same order gives
+    the same feeds (`run_batched` split them in batches of 8 too), hence the same outputs.
+    """
+
+    images: Sequence[Any]
+    preprocess: Callable[[list[Any]], Mapping[str, Any]]
+    batch: int = 8
+    inputs: tuple[str, ...] | None = None
+
+    def for_inputs(self, names: Sequence[str]) -> "SampleStream":
+        """The same stream restricted to one component's inputs."""
+        return replace(self, inputs=tuple(names))
+
+    def chunks(self) -> Iterator[dict[str, Any]]:
+        """The sample inputs of `batch` images at a time (stacked, or ragged lists)."""
+        for start in range(0, len(self.images), self.batch):
+            samples = self.preprocess(list(self.images[start : start + self.batch]))
+            samples = {k: samples[k] for k in (self.inputs or samples)}
+            yield samples
+            del samples  # before the next batch is made: one batch alive, not two
+
+    def check(self) -> None:
+        """Preprocess every image once, keeping nothing: a family's refusal of an image
+        (one line naming the file) comes before minutes of export, as when the feed was eager."""
+        for _ in self.chunks():
+            pass
+
+    def first(self) -> dict[str, np.ndarray]:
+        """The first sample alone (batch 1): the latency feed."""
+        # a copy, not a view: a view would keep its whole batch alive for the build's duration
+        return {k: np.array(v) for k, v in first_sample(next(replace(self, images=self.images[:1]).chunks())).items()}
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def run_stream(run: Callable[[dict[str, np.ndarray]], Mapping[str, np.ndarray]], stream: SampleStream) -> dict[str, np.ndarray]:
+    """`run_batched` over a SampleStream: each chunk's feeds run as soon as they are made,
+    only the outputs are kept, joined as `run_batched` joins them."""
+    runs, ragged = [], False
+    for samples in stream.chunks():
+        ragged = ragged or is_ragged(samples)
+        runs += [dict(run(f)) for f in batched_feeds(samples, stream.batch)]
+        del samples
+    if not runs:
+        raise ValueError("run_stream() needs at least one sample")
+    if ragged:
+        return {name: pad_stack([r[name] for r in runs]) for name in runs[0]}
+    if len(runs) == 1:
+        return runs[0]
     return {name: np.concatenate([r[name] for r in runs]) for name in runs[0]}

@@ -32,6 +32,9 @@ import numpy as np
 
 DEFAULT_WARMUP = 3
 DEFAULT_RUNS = 20
+# Fewest rounds a time budget may leave (interleaved(budget_s=...)): five per-round ratios
+# still give a median and quartiles.
+MIN_ROUNDS = 5
 # A quarter of a core of slack over the cores the run used: the 1-minute load average of a quiet
 # machine wanders a little above the threads we ran (daemons, the interpreter itself).
 LOAD_SLACK = 0.25
@@ -160,6 +163,29 @@ class LatencyResult:
                 "busy": self.busy}
 
 
+def _warm(fn: Callable[[], object], warmup: int, slow_s: float | None) -> float:
+    """`warmup` untimed calls, fewer (at least 2) once a call takes longer than `slow_s`:
+    the first call pays one-off costs, the second is warm. Returns the last call's seconds."""
+    last = 0.0
+    for i in range(warmup):
+        start = time.perf_counter()
+        fn()
+        last = time.perf_counter() - start
+        if slow_s is not None and i >= 1 and last > slow_s:
+            break
+    return last
+
+
+def budgeted(rounds: int, runs_per_round: int, round_s: float, budget_s: float, min_rounds: int = MIN_ROUNDS) -> tuple[int, int]:
+    """(rounds, runs per round) that fit `budget_s` of timed calls when one call of every
+    candidate takes `round_s` together: the plan unchanged when it fits, else rounds of one
+    call each, as many as fit but never fewer than `min_rounds` (the quartiles need several)."""
+    if rounds * runs_per_round * round_s <= budget_s:
+        return rounds, runs_per_round
+    fit = int(budget_s // max(round_s, 1e-9))
+    return max(min(min_rounds, rounds * runs_per_round), min(fit, rounds * runs_per_round)), 1
+
+
 def interleaved(
     candidates: Mapping[str, Callable[[], object]],
     rounds: int,
@@ -167,17 +193,25 @@ def interleaved(
     warmup: int = DEFAULT_WARMUP,
     ort_threads: int | None = None,
     torch_threads: int | None = None,
+    budget_s: float | None = None,
 ) -> LatencyResult:
     """Warm every candidate up, then `rounds` rounds in which each candidate (in the given
     order) runs `runs_per_round` timed calls. The machine state is taken before the warm-up
-    and after the last round."""
+    and after the last round.
+
+    `budget_s` bounds the timed calls' seconds (all candidates together) for large models:
+    from the warm-up's last call per candidate, a plan that would not fit becomes rounds of
+    one call (`budgeted`), at least MIN_ROUNDS of them; warm-up stops after 2 calls once a
+    call takes more than a twentieth of the budget. The rounds actually run are in the result."""
     if not candidates:
         raise ValueError("interleaved() needs at least one candidate")
     rounds, runs_per_round = max(1, int(rounds)), max(1, int(runs_per_round))
-    before = machine_state(ort_threads, torch_threads)
-    for fn in candidates.values():
-        for _ in range(warmup):
-            fn()
+    before, began = machine_state(ort_threads, torch_threads), time.perf_counter()
+    slow_s = budget_s / 20 if budget_s else None
+    round_s = sum(_warm(fn, warmup, slow_s) for fn in candidates.values())
+    planned = (rounds, runs_per_round)
+    if budget_s:
+        rounds, runs_per_round = budgeted(rounds, runs_per_round, round_s, budget_s)
     times: dict[str, list[float]] = {name: [] for name in candidates}
     round_p50: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in range(rounds):
@@ -191,4 +225,8 @@ def interleaved(
             round_p50[name].append(float(np.median(this_round)))
     after = machine_state(ort_threads, torch_threads)
     stats = {name: {**_stats(np.asarray(t)), "runs": len(t), "rounds": rounds} for name, t in times.items()}
-    return LatencyResult(stats, round_p50, rounds, runs_per_round, warmup, {"before": before, "after": after})
+    conditions: dict[str, Any] = {"before": before, "after": after, "seconds": round(time.perf_counter() - began, 3)}
+    if budget_s:
+        conditions["budget"] = {"budget_s": budget_s, "planned_rounds": planned[0], "planned_runs_per_round": planned[1],
+                                "applied": (rounds, runs_per_round) != planned}
+    return LatencyResult(stats, round_p50, rounds, runs_per_round, warmup, conditions)
