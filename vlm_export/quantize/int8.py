@@ -51,15 +51,16 @@ def _method_options(config: Int8Config) -> dict[str, object]:
 def preprocess_for_quantization(fp32_path: Path, out_path: Path) -> Path:
     """ORT's recommended pre-pass: symbolic shape inference and graph clean-up.
 
-    A large graph (export.external) keeps its weights in one external-data file."""
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    A large graph (export.external) keeps its weights in one external-data file and goes
+    through quantize.preprocess: the same steps and bytes, one copy of the weights held
+    (ViT-L/16, 1.16 GiB: 1.5 GiB peak where ORT's quant_pre_process took 3.9); a small
+    graph through ORT's own."""
+    from vlm_export.export.external import is_large
+    from vlm_export.quantize.preprocess import lean_pre_process, quant_pre_process_as_before
 
-    from vlm_export.export.external import data_location, is_large
-
-    large = is_large(fp32_path)
-    quant_pre_process(str(fp32_path), str(out_path), skip_optimization=False, save_as_external_data=large,
-                      all_tensors_to_one_file=True, external_data_location=data_location(out_path) if large else None)
-    return out_path
+    if is_large(fp32_path):
+        return lean_pre_process(fp32_path, out_path, external=True)
+    return quant_pre_process_as_before(fp32_path, out_path, external=False)
 
 
 def activation_matmuls(onnx_path: Path) -> list[str]:
