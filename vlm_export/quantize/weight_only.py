@@ -7,10 +7,17 @@ float (no calibration set, no activation ranges to get wrong). This is the recip
 onnxruntime-genai model builder (Phi-3.5-vision's text model: INT4, block 32, RTN).
 
 RTN = onnxruntime's `DefaultWeightOnlyQuantConfig`: each block's weights rounded to the
-nearest level of a symmetric grid scaled to the block's absolute maximum. The other
-algorithms this onnxruntime offers need what a build does not have here: GPTQ and the
-`RTNWeightOnlyQuantConfig` path need neural-compressor, HQQ needs torch tensors of the
-weights at quantization time; `algorithms()` reports which import.
+nearest level of a symmetric grid scaled to the block's absolute maximum (C++, seconds).
+The other algorithms of onnxruntime 1.32's quantizer, and what they need (`algorithms()`
+reports which resolve here): HQQ (torch, CPU is enough), k-quant and the clipping RTN
+(onnxruntime's own numpy copy of neural-compressor's code: the neural_compressor package is
+NOT needed), GPTQ (same copy, plus calibration feeds of the graph), NVIDIA AWQ (nvidia-modelopt,
+datasets and a calibration set from the Hugging Face hub: never offline, not installed).
+Why RTN stays (benchmarks/bench_weight_only_algorithms.py, random Gaussian weights at
+LLaVA-1.5-7B's LM shape, 2 layers): HQQ cuts the weight error ~12% (block 32: 0.076 vs 0.086
+relative Frobenius) but takes minutes instead of seconds, writes float zero points (+20% bytes)
+and MatMulNBits with float zero points has no fast CPU kernel: a decode step ~28× slower.
+k-quant (block 32: 0.082) is no better than asymmetric RTN (0.081) and takes minutes.
 
 `accuracy_level`: None lets the MatMulNBits kernel compute in float after dequantizing
 (the same on every CPU, so the verdict transfers); 4 would quantize activations to int8
@@ -96,8 +103,24 @@ def build_weight_only(spec: Any, fp32_path: Path, writer: Any, precisions: Itera
 
 
 def algorithms() -> dict[str, bool]:
-    """Which block-wise algorithms this onnxruntime can run here (name → importable)."""
+    """Which of onnxruntime's block-wise algorithms can run here (name → its imports resolve).
+
+    rtn: DefaultWeightOnlyQuantConfig (C++, always). rtn-clip, k-quant, gptq: RTN/KQuant/GPTQ
+    WeightOnlyQuantConfig, onnxruntime's own copy of neural-compressor's code (numpy; the
+    neural_compressor package is not needed); gptq also needs calibration feeds of the graph.
+    hqq: torch (CPU is enough). nvidia-awq: nvidia-modelopt, datasets, torch and transformers,
+    and then a calibration dataset from the Hugging Face hub (so never offline).
+    """
     import importlib.util
 
-    return {"rtn-default": True, "hqq": importlib.util.find_spec("torch") is not None,
-            "gptq/rtn-inc": importlib.util.find_spec("neural_compressor") is not None}
+    def found(*modules: str) -> bool:
+        return all(importlib.util.find_spec(m) is not None for m in modules)
+
+    try:
+        from onnxruntime.quantization.neural_compressor import gptq_quantize, rtn_quantize  # noqa: F401
+
+        vendored = True
+    except ImportError:
+        vendored = False
+    return {"rtn": True, "rtn-clip": vendored, "k-quant": vendored, "gptq": vendored, "hqq": found("torch"),
+            "nvidia-awq": found("modelopt", "datasets", "torch", "transformers")}
