@@ -173,19 +173,21 @@ def to_int8_cpu(
 
     from vlm_export.export.external import is_large, staged_output
     from vlm_export.quantize.cpu_fusions import fuse_for_cpu
+    from vlm_export.quantize.lean_reload import lean_shape_reload
 
     large = is_large(fp32_path)
     with tempfile.TemporaryDirectory(prefix="vlm-export-q-") as tmp, _quiet_root_logger(), staged_output(out_path) as staged:
         prepared = Path(tmp) / "fused.onnx"
         fuse_for_cpu(fp32_path, prepared)
-        quantize_dynamic(
-            str(prepared),
-            str(staged),
-            op_types_to_quantize=["MatMul"],
-            per_channel=True,
-            reduce_range=reduce_range,
-            weight_type=QuantType.QUInt8 if unsigned_weights else QuantType.QInt8,
-            nodes_to_exclude=list(nodes_to_exclude),
-            use_external_data_format=large,
-        )
+        with lean_shape_reload():  # no whole-model copy for shape inference (quantize.lean_reload)
+            quantize_dynamic(
+                str(prepared),
+                str(staged),
+                op_types_to_quantize=["MatMul"],
+                per_channel=True,
+                reduce_range=reduce_range,
+                weight_type=QuantType.QUInt8 if unsigned_weights else QuantType.QInt8,
+                nodes_to_exclude=list(nodes_to_exclude),
+                use_external_data_format=large,
+            )
     return out_path
