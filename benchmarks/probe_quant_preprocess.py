@@ -1,7 +1,10 @@
-"""Peak RSS (VmHWM) of the quantization pre-pass on one graph stored with external data.
+"""Peak RSS (VmHWM) of the quantization steps whose onnxruntime versions copy the whole model,
+ours and onnxruntime's, on one graph stored with external data.
 
-    python benchmarks/probe_quant_preprocess.py GRAPH.onnx OUT_DIR lean   # quantize.preprocess
-    python benchmarks/probe_quant_preprocess.py GRAPH.onnx OUT_DIR ort    # onnxruntime's quant_pre_process, the build's options
+    python benchmarks/probe_quant_preprocess.py GRAPH.onnx OUT_DIR lean          # quantize.preprocess
+    python benchmarks/probe_quant_preprocess.py GRAPH.onnx OUT_DIR ort           # onnxruntime's quant_pre_process, the build's options
+    python benchmarks/probe_quant_preprocess.py GRAPH.onnx OUT_DIR int8-cpu      # to_int8_cpu with quantize.lean_reload
+    python benchmarks/probe_quant_preprocess.py GRAPH.onnx OUT_DIR int8-cpu-ort  # to_int8_cpu with onnxruntime's reload
 
 One mode per process: VmHWM is a process's high-water mark. Figures: benchmarks/results/build_memory.txt.
 """
@@ -24,6 +27,18 @@ def main() -> None:
     out = out_dir / f"prepared-{mode}.onnx"
     from vlm_export.quantize.preprocess import lean_pre_process, quant_pre_process_as_before
 
+    if mode.startswith("int8-cpu"):
+        import contextlib
+
+        import vlm_export.quantize.lean_reload as lean_reload
+        from vlm_export.quantize.int8 import to_int8_cpu
+
+        if mode == "int8-cpu-ort":
+            lean_reload.lean_shape_reload = contextlib.nullcontext
+        floor, start = _hwm_mib(), time.perf_counter()
+        to_int8_cpu(src, out_dir / f"{mode}.int8-cpu.onnx")
+        print(f"{mode}: floor {floor:.0f} MiB, peak {_hwm_mib():.0f} MiB, {time.perf_counter() - start:.1f} s")
+        return
     floor, start = _hwm_mib(), time.perf_counter()
     if mode == "lean":
         lean_pre_process(src, out, external=True)
