@@ -7,13 +7,13 @@ that `quantize_dynamic` itself still holds, that is three copies of the weights 
 set the build's peak RSS in the int8-cpu stage (Qwen2-VL-2B vision: 11.1 → 18.7 GB;
 ViT-L/16 4.14× its FP32 size; benchmarks/results/build_memory.txt).
 
-What this does instead, with the same result: the tensors above the size at which that
-function would have moved them to external data (onnx's 1 KiB) are lifted out of the
-model, the weight-free graph is shape-inferred in memory, the tensors go back, one at a
-time, and the inferred `value_info`, graph inputs/outputs and onnxruntime's "onnx.infer"
-metadata are written onto the same model object. Shape inference reads only an
-initializer's dims and type, never the values of a tensor stored externally, so the
-inferred graph is the same (tests/test_lean_reload.py compares the quantized bytes).
+What this does instead, with the same result: a copy of the model without the values of
+the tensors above the size at which that function would have moved them to external data
+(onnx's 1 KiB) is shape-inferred in memory, and the inferred `value_info`, graph
+inputs/outputs and onnxruntime's "onnx.infer" metadata are written onto the model object.
+Shape inference reads only an initializer's dims and type, never the values of a tensor
+stored externally, so the inferred graph is the same (tests/test_lean_reload.py compares
+the quantized bytes).
 """
 
 from __future__ import annotations
@@ -28,22 +28,9 @@ _EXTERNAL_THRESHOLD = 1024
 
 def reload_with_shape_infer_in_place(model: Any) -> Any:
     """What onnxruntime's `save_and_reload_model_with_shape_infer` returns, made on `model` itself."""
-    import onnx
     from onnxruntime.quantization.quant_utils import add_infer_metadata
 
-    lifted: dict[int, bytes] = {}
-    tensors = list(model.graph.initializer)
-    for i, tensor in enumerate(tensors):
-        if tensor.HasField("raw_data") and len(tensor.raw_data) >= _EXTERNAL_THRESHOLD:
-            lifted[i] = tensor.raw_data
-            tensor.ClearField("raw_data")
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    finally:
-        for i in sorted(lifted):
-            tensors[i].raw_data = lifted.pop(i)  # one tensor's bytes in flight at a time
-            # As onnx.load sets it on a tensor read back from external data: the bytes written match.
-            tensors[i].data_location = onnx.TensorProto.DEFAULT
+    inferred = _infer_weight_free(model)
     graph = model.graph
     for field in ("value_info", "input", "output"):
         graph.ClearField(field)
@@ -51,6 +38,44 @@ def reload_with_shape_infer_in_place(model: Any) -> Any:
     del inferred
     add_infer_metadata(model)
     return model
+
+
+def _infer_weight_free(model: Any) -> Any:
+    """onnx shape inference on a copy of `model` whose large tensors carry no values
+    (marked on `model` as onnx.load marks tensors it read from external data).
+
+    Why a copy and not the tensors' bytes lifted out and put back: protobuf (upb) keeps a
+    message's memory in an arena that only grows: bytes cleared and set again are a new
+    allocation while the old one stays, so putting the weights back cost one more copy of
+    them (Qwen2-VL-2B vision: +5 GB in the int8-cpu stage, benchmarks/results/build_memory.txt).
+    The copy here holds every field but the values of tensors of 1 KiB and more.
+    """
+    import onnx
+
+    skeleton = onnx.ModelProto()
+    _copy_fields(model, skeleton, skip=("graph",))
+    _copy_fields(model.graph, skeleton.graph, skip=("initializer",))
+    for tensor in model.graph.initializer:
+        if tensor.HasField("raw_data") and len(tensor.raw_data) >= _EXTERNAL_THRESHOLD:
+            skeleton.graph.initializer.add(name=tensor.name, dims=tensor.dims, data_type=tensor.data_type)
+            # As onnx.load sets it on a tensor read back from external data: the bytes written match.
+            tensor.data_location = onnx.TensorProto.DEFAULT
+        else:
+            skeleton.graph.initializer.add().CopyFrom(tensor)
+    return onnx.shape_inference.infer_shapes(skeleton)
+
+
+def _copy_fields(source: Any, target: Any, skip: tuple[str, ...]) -> None:
+    """Every set field of protobuf message `source` onto `target`, except `skip`."""
+    for field, value in source.ListFields():
+        if field.name in skip:
+            continue
+        if field.is_repeated:
+            getattr(target, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(target, field.name).CopyFrom(value)
+        else:
+            setattr(target, field.name, value)
 
 
 @contextlib.contextmanager
