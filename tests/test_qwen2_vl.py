@@ -333,3 +333,35 @@ def test_truncated_jpeg_is_one_line(qwen_bundle: Path, photo_dir: Path, tmp_path
     assert "\n" not in str(info.value)
     result = CliRunner().invoke(app, ["run", str(qwen_bundle), str(bad)])
     assert result.exit_code == 2 and "cut.jpg" in result.output
+
+
+def test_resolution_parity_opens_one_variant_session_at_a_time(qwen_bundle: Path, qwen_dir: Path, photo_dir: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each variant session holds its weights: four at once beside the PyTorch model set a
+    real-size build's peak. The records are those of the build, in (size, variant) order."""
+    import weakref
+
+    import vlm_export.verify.evaluation as evaluation
+    from vlm_export.calibration.folder import load_image_folder
+    from vlm_export.families.qwen2_vl import PARITY_SIZES, Qwen2VLFamily, resolution_parity
+
+    live = {"now": 0, "most": 0}
+    original = evaluation.verdict_session
+
+    def counted(path: Path, key: str):  # noqa: ANN202 - an onnxruntime session
+        session = original(path, key)
+        live["now"] += 1
+        live["most"] = max(live["most"], live["now"])
+        weakref.finalize(session, lambda: live.__setitem__("now", live["now"] - 1))
+        return session
+
+    monkeypatch.setattr(evaluation, "verdict_session", counted)
+    family = Qwen2VLFamily()
+    paths = {key: qwen_bundle / "vision" / f"vision.{key}.onnx" for key in ("fp32", "fp16", "int8", "int8-cpu")}
+    images = [image for _, image in load_image_folder(photo_dir, "--parity-images", lambda message: None)]
+    records = [r.to_json() for r in resolution_parity(family, family.load(qwen_dir), paths, images, PARITY_SIZES)]
+    assert live["most"] == 1, live
+    assert [(r["name"], r["variant"]) for r in records] == [(f"vision {w}x{h}", key) for w, h in PARITY_SIZES for key in paths]
+    built = [r for r in json.loads((qwen_bundle / "parity.json").read_text())["end_to_end"] if r["name"].startswith("vision ")]
+    assert [(r["name"], r["variant"], r["metrics"], r["patches"]) for r in records] == \
+        [(r["name"], r["variant"], r["metrics"], r["patches"]) for r in built]

@@ -252,26 +252,34 @@ def resolution_parity(
     sizes: Sequence[tuple[int, int]],
 ) -> list[ParityRecord]:
     """One record per (size, variant): an image resized to (width, height), then the model's
-    processor; cosine/max_abs of the ONNX variant vs PyTorch `get_image_features`."""
+    processor; cosine/max_abs of the ONNX variant vs PyTorch `get_image_features`.
+
+    One variant session is open at a time (each holds its weights: with all four open beside
+    the PyTorch model, Qwen2-VL-2B's vision tower peaked at 4x its FP32 size here); the
+    references are computed first, once per size. Records keep the (size, variant) order.
+    """
     import torch
     from PIL import Image
 
-    from vlm_export.verify import CompareFunc, check_variants
+    from vlm_export.recipes import precision_of
+    from vlm_export.verify import CompareFunc, ParityRecord
     from vlm_export.verify.evaluation import verdict_session
 
-    sessions = {key: verdict_session(path, key) for key, path in paths.items()}
-    records = []
+    cases = []
     for index, (width, height) in enumerate(sizes):
         image = images[index % len(images)].convert("RGB").resize((width, height), Image.Resampling.BICUBIC)
         feed, grid = family.image_inputs(loaded, image)
-
-        def reference() -> np.ndarray:
-            with torch.no_grad():
-                out = loaded.model.get_image_features(torch.from_numpy(feed["pixel_values"]), torch.from_numpy(grid))
-            return out.pooler_output[0].float().numpy()[None]
-
+        with torch.no_grad():
+            out = loaded.model.get_image_features(torch.from_numpy(feed["pixel_values"]), torch.from_numpy(grid))
         details = {"image_size": [width, height], "grid_thw": grid[0].tolist(), "patches": int(len(feed["pixel_values"]))}
-        records += check_variants(f"vision {width}x{height}", sessions, reference,
-                                  lambda key: sessions[key].run(["image_features"], feed)[0][None],
-                                  CompareFunc.features(), lambda key, got: details)
+        cases.append((f"vision {width}x{height}", feed, out.pooler_output[0].float().numpy()[None], details))
+    compare = CompareFunc.features()
+    by_case: list[list[ParityRecord]] = [[] for _ in cases]
+    for key, path in paths.items():
+        session = verdict_session(path, key)
+        for records_of_case, (name, feed, expected, details) in zip(by_case, cases):
+            got = session.run(["image_features"], feed)[0][None]
+            records_of_case.append(ParityRecord.end_to_end(name, key, compare(expected, got, precision_of(key)), **details))
+        del session  # its weights go before the next variant's session opens
+    records = [record for records_of_case in by_case for record in records_of_case]
     return records
