@@ -338,8 +338,9 @@ def test_a_component_past_2gb_builds_every_precision_and_loads(photo_dir: Path, 
     assert result["code"] == 0, done.stdout[-3000:] + done.stderr[-3000:]
     print(f"\n>2 GB build: {result['seconds']:.0f} s ({result['cpu_seconds']:.0f} s CPU), peak RSS {result['peak_rss'] / 2**30:.2f} GiB "
           f"({result['peak_rss'] / weights:.1f}x the FP32 weights), load {os.getloadavg()}")
-    # Bound: the FP32 graph, FP16/INT8 copies and onnxruntime's optimizer hold at most ~5x the weights at once.
-    assert result["peak_rss"] < 5.5 * weights
+    # Bound: measured 3.6x (7.44 GiB) with FP16 weight by weight and the lean int8-cpu reload, 4.24-4.3x before
+    # them (benchmarks/results/build_memory.txt); 4.5x leaves room for the cycle collector's timing.
+    assert result["peak_rss"] < 4.5 * weights
     fp32 = _external(out, "fp32")
     assert len(fp32) == 1 and fp32[0]["bytes"] > 2**31 and (out / "vision" / "vision.fp32.onnx").stat().st_size < 2**20
     for key in VARIANTS:
