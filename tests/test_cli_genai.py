@@ -151,3 +151,54 @@ def test_replace_without_an_atomic_exchange(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.setattr(swap, "renameat2", lambda src, dst, flags: False)
     replace_into(new, out)
     assert (out / "model.onnx").read_text() == "new" and (new / "model.onnx").read_text() == "old"
+
+
+def _snapshot(folder: Path) -> dict[str, bytes | None]:
+    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None) for p in sorted(folder.rglob("*"))}
+
+
+def test_genai_deletes_only_its_staging_folder_and_the_genai_folder_it_replaces(
+        bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The command deletes one thing: its staging folder (cleanup.temp_dir, beside OUT),
+    which after --force holds the old OUT, proven a genai folder. The user's files beside
+    OUT, a model folder and the bundle stay, also when writing fails half-way."""
+    import vlm_export.genai_text as genai_text
+
+    (tmp_path / "notes.txt").write_text("keep")
+    (tmp_path / "photo.jpg").write_bytes(b"\xff\xd8")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    (tmp_path / f"genai{TEMP_TAG[:-1]}").mkdir()  # a look-alike name without the tool's tag
+    before, bundle_before = _snapshot(tmp_path), _snapshot(bundle)
+    real = genai_text.write_genai_text_model
+
+    def half_written(bundle_dir: Path, folder: Path, *args: object) -> Path:
+        folder.mkdir(parents=True)
+        (folder / "model.onnx").write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(genai_text, "write_genai_text_model", half_written)
+    failed = runner.invoke(app, ["genai", str(bundle), str(tmp_path / "genai")])
+    assert failed.exit_code == 2 and "no space left" in failed.output
+    assert _snapshot(tmp_path) == before  # nothing left, nothing taken
+    monkeypatch.setattr(genai_text, "write_genai_text_model", real)
+    assert runner.invoke(app, ["genai", str(bundle), str(tmp_path / "genai")]).exit_code == 0
+    assert runner.invoke(app, ["genai", str(bundle), str(tmp_path / "genai"), "--variant", "int4-cpu", "--force"]).exit_code == 0
+    after = _snapshot(tmp_path)
+    assert {k: v for k, v in after.items() if not k.startswith("genai/") and k != "genai"} == before
+    assert sorted(k for k in after if k.startswith("genai/")) == [
+        "genai/genai_config.json", "genai/model.onnx", "genai/tokenizer.json", "genai/tokenizer_config.json"]
+    assert _snapshot(bundle) == bundle_before
+
+
+def test_force_never_replaces_the_current_directory(bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A folder that holds only genai's files is replaceable, but not while it is where
+    the user stands: --force would delete the current directory."""
+    out = tmp_path / "genai"
+    assert runner.invoke(app, ["genai", str(bundle), str(out)]).exit_code == 0
+    before = _snapshot(out)
+    monkeypatch.chdir(out)
+    refused = runner.invoke(app, ["genai", str(bundle), ".", "--force"])
+    assert refused.exit_code == 2 and refused.output.strip().count("\n") == 0
+    assert "is or holds the current directory" in refused.output
+    assert _snapshot(out) == before and _leftovers(tmp_path) == []

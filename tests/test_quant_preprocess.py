@@ -152,3 +152,29 @@ def test_lean_pass_holds_one_copy_of_the_weights(tmp_path: Path) -> None:
     per_mib = {mode: (growth[40][mode] - growth[8][mode]) / (4 * (40 - 8)) for mode in ("ours", "theirs")}
     assert per_mib["theirs"] > 2.3, (per_mib, growth)  # the control: the copies this module exists to avoid
     assert per_mib["ours"] < 1.5, (per_mib, growth)
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_lean_pre_process_deletes_only_its_own_temp_files(external_fp32: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch, fails: bool) -> None:
+    """Its three intermediate graphs lie beside the source (the bundle's component folder,
+    where a user may keep files): only the files it created, tagged by cleanup.temp_file,
+    are removed, on success and when a step raises; the source graph is untouched."""
+    folder = external_fp32.parent
+    user = {".preprocessed-notes.tmp": b"look-alike", "notes.tmp": b"keep", "photo.jpg": b"\xff\xd8",
+            f"model{TEMP_TAG[:-1]}.onnx": b"no tag"}  # the tag's text without its trailing dash: not ours
+    for name, data in user.items():
+        (folder / name).write_bytes(data)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    if fails:
+        def broken(model_path: Path, out_path: Path) -> None:
+            assert TEMP_TAG in model_path.name and model_path.parent == folder  # the step's own temp file exists
+            raise RuntimeError("optimizer failed")
+
+        monkeypatch.setattr(preprocess, "_optimize", broken)
+        with pytest.raises(RuntimeError, match="optimizer failed"):
+            preprocess.lean_pre_process(external_fp32, tmp_path / "prepared.onnx", external=True)
+    else:
+        preprocess.lean_pre_process(external_fp32, tmp_path / "prepared.onnx", external=True)
+        assert (tmp_path / "prepared.onnx").is_file()
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before

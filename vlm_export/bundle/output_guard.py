@@ -66,6 +66,17 @@ def is_bundle(folder: Path) -> bool:
 
 def check_replaceable(out: Path, protected: Iterable[Path | None]) -> None:
     """Refuse `--force` on anything but a bundle that holds none of the inputs."""
+    refuse_protected(out, protected, "-o", "a bundle folder")
+    if not is_bundle(out):
+        raise InputError(
+            f"-o '{out}' exists and is not a vlm-export bundle (no valid {MANIFEST_NAME}); --force replaces only bundles"
+        )
+
+
+def refuse_protected(out: Path, protected: Iterable[Path | None], flag: str, replaceable: str) -> None:
+    """Refuse replacing `out` when it is or holds `/`, the current directory or a home
+    directory, or overlaps one of the `protected` inputs. `flag` names OUT in the message,
+    `replaceable` says what --force does replace (shared by every command with --force)."""
     target = _resolved(out)
     kept = [("the filesystem root", Path("/"))]
     try:
@@ -75,11 +86,7 @@ def check_replaceable(out: Path, protected: Iterable[Path | None]) -> None:
     kept += [("the home directory", home) for home in sorted(_homes())]
     for label, path in kept:
         if _resolved(path).is_relative_to(target):
-            raise InputError(f"-o '{out}' is or holds {label} '{path}'; --force replaces only a bundle folder")
+            raise InputError(f"{flag} '{out}' is or holds {label} '{path}'; --force replaces only {replaceable}")
     for given in protected:
         if given is not None and _overlaps(target, _resolved(given)):
-            raise InputError(f"-o '{out}' overlaps the input '{given}' (is, holds or sits inside it); choose another -o")
-    if not is_bundle(out):
-        raise InputError(
-            f"-o '{out}' exists and is not a vlm-export bundle (no valid {MANIFEST_NAME}); --force replaces only bundles"
-        )
+            raise InputError(f"{flag} '{out}' overlaps the input '{given}' (is, holds or sits inside it); choose another {flag}")

@@ -33,6 +33,7 @@ def is_genai_folder(path: Path) -> bool:
 
 def check_request(bundle: Path, out: Path, variant: str, force: bool, max_length: int | None) -> str:
     """Refuse bad input before anything is written; returns the variant's recipe."""
+    from vlm_export.bundle.output_guard import refuse_protected
     from vlm_export.runtime.manifest import read_manifest
 
     manifest = read_manifest(bundle)
@@ -53,6 +54,9 @@ def check_request(bundle: Path, out: Path, variant: str, force: bool, max_length
     if os.path.lexists(out):
         if not force:
             raise InputError(f"'{out}' exists; choose a new OUT, or pass --force to replace a folder vlm-export genai wrote")
+        # --force deletes the old OUT (it ends in the staging folder): never /, home, the
+        # current directory or the bundle, whatever files it holds
+        refuse_protected(out, [bundle], "OUT", "a folder vlm-export genai wrote")
         if not is_genai_folder(out):
             raise InputError(f"'{out}' is not a folder written by vlm-export genai (genai_config.json and its files only); "
                              "--force replaces only those; choose a new OUT")
