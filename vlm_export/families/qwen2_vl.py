@@ -281,5 +281,4 @@ def resolution_parity(
             got = session.run(["image_features"], feed)[0][None]
             records_of_case.append(ParityRecord.end_to_end(name, key, compare(expected, got, precision_of(key)), **details))
         del session  # its weights go before the next variant's session opens
-    records = [record for records_of_case in by_case for record in records_of_case]
-    return records
+    return [record for records_of_case in by_case for record in records_of_case]

@@ -42,8 +42,13 @@ def run_batched(
 ) -> dict[str, np.ndarray]:
     """`run` over `batched_feeds(feed, batch_size)`, the outputs joined along the sample axis
     (concatenated when stacked, zero-padded and stacked when ragged)."""
-    runs = [run(f) for f in batched_feeds(feed, batch_size)]
-    if is_ragged(feed):
+    return _joined([run(f) for f in batched_feeds(feed, batch_size)], is_ragged(feed))
+
+
+def _joined(runs: list[Mapping[str, np.ndarray]], ragged: bool) -> dict[str, np.ndarray]:
+    """Outputs of consecutive batches as one: zero-padded and stacked when the samples are
+    ragged, else concatenated along the sample axis."""
+    if ragged:
         return {name: pad_stack([r[name] for r in runs]) for name in runs[0]}
     if len(runs) == 1:
         return dict(runs[0])
@@ -103,8 +108,4 @@ def run_stream(run: Callable[[dict[str, np.ndarray]], Mapping[str, np.ndarray]],
         del samples
     if not runs:
         raise ValueError("run_stream() needs at least one sample")
-    if ragged:
-        return {name: pad_stack([r[name] for r in runs]) for name in runs[0]}
-    if len(runs) == 1:
-        return runs[0]
-    return {name: np.concatenate([r[name] for r in runs]) for name in runs[0]}
+    return _joined(runs, ragged)
