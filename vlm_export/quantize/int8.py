@@ -108,7 +108,8 @@ def to_int8_qdq(
             # taken (quantize.int8_calibrate); quantize_static then reads the ranges' cache.
             from vlm_export.quantize.int8_calibrate import calibrate_minmax
 
-            ranges = calibrate_minmax(prepared, reader, config.op_types, ranges or Path(tmp) / "ranges.json", large)
+            ranges = calibrate_minmax(prepared, reader, config.op_types, ranges or Path(tmp) / "ranges.json", large,
+                                      exclude)
         quantize_static(
             str(prepared),
             str(staged),
