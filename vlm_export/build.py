@@ -25,7 +25,7 @@ from vlm_export.progress import Reporter, SilentReporter
 from vlm_export.quantize import CalibrationMethod, FeedReader, Int8Config, to_fp16, to_int8_cpu, to_int8_qdq
 from vlm_export.recipes import PRECISIONS, RECIPES, recipe
 from vlm_export.verify import ParityRecord
-from vlm_export.torch_offload import offloaded
+from vlm_export.torch_offload import offloaded, others_offloaded
 from vlm_export.verify.feeds import SampleStream
 
 def parse_precisions(text: str) -> tuple[str, ...]:
@@ -270,10 +270,13 @@ def build(opts: BuildOptions, reporter: Reporter | None = None) -> BuildResult:
         calib = _calibration_data(opts, family, loaded, reporter) if "int8" in opts.precisions else None
         result = BuildResult(out=opts.out)
         components, all_paths, latency_conditions = {}, {}, {}
-        for spec in family.components(loaded):
-            paths = all_paths[spec.name] = _build_variants(spec, writer, opts, calib, reporter, result.guard, result.methods)
-            release_freed_memory()  # before parity's sessions (one variant at a time)
-            records = _parity(spec, paths, parity_stream, opts, reporter, latency_conditions)
+        specs = family.components(loaded)
+        for spec in specs:
+            # the other components' PyTorch weights wait on disk meanwhile (torch_offload)
+            with others_offloaded(spec.module, [other.module for other in specs]):
+                paths = all_paths[spec.name] = _build_variants(spec, writer, opts, calib, reporter, result.guard, result.methods)
+                release_freed_memory()  # before parity's sessions (one variant at a time)
+                records = _parity(spec, paths, parity_stream, opts, reporter, latency_conditions)
             result.records.extend(records)
             components[spec.name] = _component_manifest(spec, paths, writer, records, opts.precisions)
         end_to_end = _end_to_end(family, loaded, all_paths, [img for _, img in parity_images], reporter)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 from vlm_export.heap import release_freed_memory
 
@@ -84,3 +84,33 @@ def offloaded(module: Any) -> Iterator[Any]:
             yield parked
         finally:
             parked.restore()
+
+
+@contextlib.contextmanager
+def others_offloaded(module: Any, others: Sequence[Any]) -> Iterator[list[Any]]:
+    """Inside: the modules of `others` that share no weight with `module` are parked together
+    as by `offloaded` (one file, one restore: two of them may share weights, as BLIP's
+    cross-attention K/V and its text decoder do). Yields the modules parked.
+
+    Why: a family with several components (CLIP's towers, BLIP's encoder and decoder) keeps
+    one PyTorch model, and while one component is exported, quantized and checked the
+    others' weights sat idle beside it: CLIP ViT-L/14-336's text tower (0.5 GB) during the
+    vision tower's parity, the stage of the build's peak. A module sharing a weight with
+    `module` stays, so `module` never runs on an emptied tensor; one that a family runs
+    anyway (BLIP's decoder inputs made while its vision encoder is built) brings the parked
+    group back through the restore hook."""
+    import torch
+
+    mine = _storages(module)
+    parked = [m for m in others if m is not module and not _storages(m) & mine]
+    if not parked:
+        yield parked
+        return
+    with offloaded(torch.nn.ModuleList(parked)):
+        yield parked
+
+
+def _storages(module: Any) -> set[int]:
+    """Where `module`'s weights live: each non-empty tensor's storage address (a tied or
+    viewed weight shares its owner's), an empty one by identity."""
+    return {t.untyped_storage().data_ptr() if t.numel() else id(t) for t in (*module.parameters(), *module.buffers())}

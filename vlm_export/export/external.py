@@ -43,8 +43,8 @@ def stored_bytes(onnx_path: Path) -> int:
 def is_large(onnx_path: Path) -> bool:
     """True when a graph (or what a tool derives from it) must use external data: past the
     threshold, or already stored with external data. Why the second: the exporter decides
-    from the wrapped module's weights, which can exceed the component's own (CLIP-L's text
-    tower wraps the whole CLIPModel), and a derived graph written inline would keep
+    from the wrapped module's weights, which can exceed the component's own (a wrapper may
+    hold more of the model than its graph uses), and a derived graph written inline would keep
     pointing at a data file that is not beside it."""
     from vlm_export.runtime.onnx_external import external_locations
 

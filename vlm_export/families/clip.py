@@ -204,20 +204,24 @@ def _vision_wrapper(model: Any) -> Any:
 
 
 def _text_wrapper(model: Any) -> Any:
+    """(input_ids, attention_mask) → text_embeds: the steps of `get_text_features` (text
+    tower, pooled output, projection) on the parts it uses, so this module holds the text
+    tower's weights only (the build parks the other tower's meanwhile: torch_offload)."""
     import torch
 
     class ClipTextWrapper(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.model = model
+            self.text_model = model.text_model
+            self.text_projection = model.text_projection
 
         def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor]:
             # The positions CLIP uses by default, as a plain arange: its own slice of a
             # max-positions buffer exports as a Min(max, sequence) axis that onnxruntime's
             # symbolic shape inference (the INT8 pre-pass) cannot merge with `sequence`.
             positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
-            out = self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions)
-            return (out.pooler_output,)
+            out = self.text_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, return_dict=True)
+            return (self.text_projection(out.pooler_output),)
 
     return ClipTextWrapper().eval()
 
