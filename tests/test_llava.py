@@ -96,6 +96,46 @@ def test_parity_against_get_image_features(llava_bundle: Path) -> None:
         assert records[key]["passed"]
 
 
+def test_end_to_end_runs_the_real_model_and_each_variant_an_image_at_a_time(
+    llava_bundle: Path, tiny_llava_dir: Path, photo_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`get_image_features` keeps every layer's hidden states: on 8 images of LLaVA-1.5-7B's
+    tower that set the build's peak, so the end-to-end check feeds it one image at a time,
+    and its variants too; the verdicts are those of the build's own run."""
+    import vlm_export.verify.evaluation as evaluation
+    from vlm_export.calibration.folder import load_image_folder
+    from vlm_export.families import detect
+
+    family = detect(tiny_llava_dir)
+    loaded = family.load(tiny_llava_dir)
+    real, batches = loaded.model.get_image_features, []
+
+    def counted(pixel_values, **kwargs):  # noqa: ANN001, ANN202 - the model's own signature
+        batches.append(("pytorch", int(pixel_values.shape[0])))
+        return real(pixel_values=pixel_values, **kwargs)
+
+    class CountedSession:
+        def __init__(self, session) -> None:  # noqa: ANN001 - an onnxruntime session
+            self.session = session
+
+        def run(self, names, feed):  # noqa: ANN001, ANN201
+            batches.append(("onnx", int(feed["pixel_values"].shape[0])))
+            return self.session.run(names, feed)
+
+    verdict_session = evaluation.verdict_session
+    monkeypatch.setattr(loaded.model, "get_image_features", counted)
+    monkeypatch.setattr(evaluation, "verdict_session", lambda path, key: CountedSession(verdict_session(path, key)))
+    images = [img for _, img in load_image_folder(photo_dir, "--parity-images", lambda _: None)]  # as the build reads them
+    variants = {"vision_projector": {k: llava_bundle / "vision_projector" / f"vision_projector.{k}.onnx" for k in ("fp32", "int8")}}
+    records = family.end_to_end_parity(loaded, variants, images)
+    assert batches == [("pytorch", 1)] * len(images) + [("onnx", 1)] * (2 * len(images))
+    built = {e["variant"]: e for e in json.loads((llava_bundle / "parity.json").read_text())["end_to_end"]}
+    for record in records:
+        assert record.samples == len(images) == built[record.variant]["samples"]
+        assert record.passed == built[record.variant]["passed"]
+        assert record.metrics["cosine_min"] == pytest.approx(built[record.variant]["metrics"]["cosine_min"], abs=1e-6)
+
+
 def test_runtime_image_features(llava_bundle: Path, tiny_llava_dir: Path, photo_dir: Path) -> None:
     from vlm_export.runtime import load
 
