@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_output_safety import leftovers
 from typer.testing import CliRunner
 
 from vlm_export.cli import app
@@ -96,6 +97,30 @@ def test_sizes_people_read_include_the_external_data(external_vit_bundle: Path) 
     report = (external_vit_bundle / "report.md").read_text()
     fp32_mb = f"{manifest.components['vision'].variants['fp32'].total_bytes / 1e6:.1f}"
     assert f"| {fp32_mb} |" in report
+
+
+def test_build_run_from_inside_an_earlier_bundle_is_one_line(
+    external_vit_bundle: Path, tiny_vit_dir: Path, photo_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """onnx checks a data file's name against the current directory, not the folder the graph
+    goes to: run from an earlier bundle's vision/ folder, the INT8 graph's data name exists
+    there. One line naming the directory and the file, exit 2, nothing written, nothing of
+    the user's touched (it was a traceback)."""
+    import vlm_export.export.external as external
+
+    earlier = _copy(external_vit_bundle, tmp_path) / "vision"
+    before = {p.name: _sha256(p) for p in earlier.iterdir()}
+    out = tmp_path / "new-bundle"
+    monkeypatch.chdir(earlier)
+    monkeypatch.setattr(external, "EXTERNAL_THRESHOLD", 1024)
+    result = CliRunner().invoke(app, ["build", str(tiny_vit_dir), "-o", str(out), "--calibration", str(photo_dir),
+                                      "--parity-images", str(photo_dir), "--calibration-size", "8", "--latency-runs", "3"])
+    lines = [line for line in result.output.strip().splitlines() if line.startswith("error")]
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert str(earlier) in lines[0] and "vision.int8.onnx.data" in lines[0] and "another directory" in lines[0]
+    assert "Traceback" not in result.output
+    assert not out.exists() and not leftovers(tmp_path)
+    assert {p.name: _sha256(p) for p in earlier.iterdir()} == before
 
 
 # --- bad input: truncated, or a location outside the bundle -----------------------------------

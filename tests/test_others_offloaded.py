@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from test_blip import tiny_blip_dir  # noqa: F401
@@ -79,3 +80,48 @@ def test_clip_text_module_holds_the_text_tower_alone_and_gives_get_text_features
     assert torch.equal(got, expected)
     owned = {p.data_ptr() for p in text.module.parameters()}
     assert owned.isdisjoint(p.data_ptr() for p in loaded.model.vision_model.parameters())
+
+
+
+def _resident_kb(path: Path) -> int:
+    """Resident kB of this process's maps of `path` (Linux /proc/self/smaps)."""
+    total, current = 0, None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if fields and "-" in fields[0] and len(fields) >= 5:
+            current = fields[-1] if len(fields) >= 6 else None
+        elif fields and fields[0] == "Rss:" and current == str(path):
+            total += int(fields[1])
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").is_file(), reason="reads the process's memory maps from Linux /proc")
+@pytest.mark.parametrize("dropped", [True, False])
+def test_parked_weights_leave_memory_though_a_view_keeps_the_checkpoint_mapped(
+    dropped: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A module loaded from a memory-mapped safetensors file, as transformers loads it, with
+    one view of a weight kept elsewhere (torch.onnx's optimizer keeps some): parking used to
+    leave every read page of the file resident (the control, `dropped=False`); now they are
+    paged out, and the kept view still reads the right values (re-read from the file)."""
+    import vlm_export.torch_offload as torch_offload
+    from safetensors.torch import load_file, save_file
+
+    checkpoint = tmp_path / "model.safetensors"
+    torch.manual_seed(0)
+    save_file({"weight": torch.randn(1024, 1024), "bias": torch.randn(1024)}, str(checkpoint))
+    module = torch.nn.Linear(1024, 1024)
+    loaded = load_file(str(checkpoint))
+    module.weight.data, module.bias.data = loaded["weight"], loaded["bias"]
+    kept_view = module.weight.data[:2]  # outlives the parking, as the exporter's do
+    expected = kept_view.clone()
+    float(module.weight.detach().sum())  # every page read, as export and parity read them
+    assert _resident_kb(checkpoint) >= 4096  # the control: the 4 MiB weight is resident through the map
+    if not dropped:
+        monkeypatch.setattr(torch_offload, "drop_mapped_pages", lambda: 0)
+    with torch_offload.offloaded(module):
+        assert module.weight.numel() == 0
+        resident = _resident_kb(checkpoint)
+        assert (resident < 512) is dropped, resident
+        assert torch.equal(kept_view, expected)
+    assert module.weight.shape == (1024, 1024) and torch.equal(module.weight.data[:2], expected)

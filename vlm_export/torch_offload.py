@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from vlm_export.heap import release_freed_memory
+from vlm_export.heap import drop_mapped_pages, release_freed_memory
 
 
 class _Parked:
@@ -80,6 +80,7 @@ def offloaded(module: Any) -> Iterator[Any]:
     with tempfile.TemporaryDirectory(prefix="vlm-export-offload-") as tmp:
         parked = _Parked(module, Path(tmp))
         release_freed_memory()
+        drop_mapped_pages()  # the checkpoint's map outlives the module's tensors (heap.drop_mapped_pages)
         try:
             yield parked
         finally:
@@ -114,3 +115,4 @@ def _storages(module: Any) -> set[int]:
     """Where `module`'s weights live: each non-empty tensor's storage address (a tied or
     viewed weight shares its owner's), an empty one by identity."""
     return {t.untyped_storage().data_ptr() if t.numel() else id(t) for t in (*module.parameters(), *module.buffers())}
+
