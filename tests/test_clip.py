@@ -288,3 +288,34 @@ def test_engine_profile_stops_at_the_models_positions(clip_bundle: Path) -> None
     longest = manifest["tokenizer"]["max_length"]
     assert text.profile("input_ids").max[1] == longest == manifest["components"]["text"]["dims"]["sequence"]["max"]
     assert text.profile("input_ids").min[1] == 1
+
+
+def test_zero_shot_variants_run_with_the_pytorch_model_parked(clip_bundle: Path, tiny_clip_dir: Path, photo_dir: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The end-to-end check's PyTorch reference comes first; the variants' sessions then run
+    with the model's weights on disk (at ViT-L/14-336 this check set the build's peak), and
+    the verdicts are the build's own."""
+    import vlm_export.verify.evaluation as evaluation
+    from vlm_export.calibration.folder import load_image_folder
+    from vlm_export.families import detect
+
+    family = detect(tiny_clip_dir)
+    loaded = family.load(tiny_clip_dir)
+    opened_with_weights = []
+    verdict_session = evaluation.verdict_session
+
+    def watched(path, key):  # noqa: ANN001, ANN202
+        opened_with_weights.append(any(p.numel() for p in loaded.model.parameters()))
+        return verdict_session(path, key)
+
+    monkeypatch.setattr(evaluation, "verdict_session", watched)
+    images = [img for _, img in load_image_folder(photo_dir, "--parity-images", lambda _: None)]
+    paths = {c: {k: clip_bundle / c / f"{c}.{k}.onnx" for k in ("fp32", "int8")} for c in ("vision", "text")}
+    records = family.end_to_end_parity(loaded, paths, images)
+    assert opened_with_weights == [False] * 4  # two towers per variant, none beside the PyTorch weights
+    assert all(p.numel() for p in loaded.model.parameters())  # back on leaving
+    _, built = _records(clip_bundle)
+    assert [r.variant for r in records] == ["fp32", "int8"]
+    for record in records:
+        assert record.passed == built[record.variant]["passed"]
+        assert record.metrics == pytest.approx(built[record.variant]["metrics"], abs=1e-6)
