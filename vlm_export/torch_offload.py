@@ -94,12 +94,12 @@ def others_offloaded(module: Any, others: Sequence[Any]) -> Iterator[list[Any]]:
     cross-attention K/V and its text decoder do). Yields the modules parked.
 
     Why: a family with several components (CLIP's towers, BLIP's encoder and decoder) keeps
-    one PyTorch model, and while one component is exported, quantized and checked the
-    others' weights sat idle beside it: CLIP ViT-L/14-336's text tower (0.5 GB) during the
-    vision tower's parity, the stage of the build's peak. A module sharing a weight with
-    `module` stays, so `module` never runs on an emptied tensor; one that a family runs
-    anyway (BLIP's decoder inputs made while its vision encoder is built) brings the parked
-    group back through the restore hook."""
+    one PyTorch model; a component's weights, once read (exported, checked against PyTorch),
+    stayed resident while the next component was built: CLIP ViT-L/14-336's vision tower
+    (1.2 GB) through all the text tower's stages. A module sharing a weight with `module`
+    stays, so `module` never runs on an emptied tensor; one that a family runs anyway
+    (BLIP's decoder inputs made while its vision encoder is built) brings the parked group
+    back through the restore hook."""
     import torch
 
     mine = _storages(module)

@@ -124,11 +124,13 @@ class LlavaFamily:
 
         def candidate(key: str) -> np.ndarray:
             session = verdict_session(paths[key], key)
-            return run_batched(lambda batch: {"image_features": session.run(["image_features"], batch)[0]}, feed, 1)["image_features"]
+            run = lambda batch: {"image_features": session.run(["image_features"], batch)[0]}  # noqa: E731
+            return run_batched(run, feed, 1)["image_features"]
 
         paths = variants.get("vision_projector", {})
         compare = CompareFunc.features(rows=True, rows_per_sample=int(loaded.manifest_extra["llm"]["tokens_per_image"]))
-        records = check_variants("get_image_features", paths, lambda: run_batched(real, feed, 1)["image_features"], candidate, compare)
+        records = check_variants("get_image_features", paths, lambda: run_batched(real, feed, 1)["image_features"],
+                                 candidate, compare)
         return records + generation_parity(loaded, variants, images)
 
 

@@ -16,10 +16,10 @@ it quantizes. onnxruntime's calibrator reduces every input and output of every n
 the calibrated op types, but with outputs left unquantized (OpTypesToExcludeOutputQuantization)
 and attention's activation MatMuls kept float, most of those reductions are thrown away,
 and they are the largest tensors: the attention scores and probabilities. On CLIP
-ViT-L/14-336 a batch of 8 ran 19.3 s plain, 24 s augmented with every tensor
-(benchmarks/results/build_scale.txt has the stage before and after). The kept tensors'
-ranges are bit-equal to onnxruntime's (tests/test_int8_calibration_memory.py), so the
-INT8 graph is byte-identical.
+ViT-L/14-336 a batch of 8 ran 19.4 s plain, 24-25 s augmented with every tensor (778
+outputs), 19 s restricted (198 outputs; benchmarks/results/build_memory.txt, session 6).
+The kept tensors' ranges are bit-equal to onnxruntime's (tests/test_int8_calibration_memory.py),
+so the INT8 graph is byte-identical.
 
 The ranges are written in onnxruntime's calibration-cache format; `quantize_static`
 then reads them from that cache (its documented way to skip calibration), so the
