@@ -11,8 +11,9 @@ ownership supplied by the code that created the path. The classes:
 5. the report's plots (the file names the report writes);
 6. caches the tool fills (the converted default model: its marker; the default image
    sets: their exact SOURCES.md).
-Besides these, only `tempfile.TemporaryDirectory` scratch folders in the system temp
-folder are removed (the stdlib removes exactly the fresh folder it made).
+7. scratch folders from `tempfile.TemporaryDirectory` in the system temp folder (parked
+   PyTorch weights, the calibration's augmented graph): the stdlib removes exactly the
+   fresh folder it made.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import vlm_export
@@ -270,3 +272,51 @@ def test_ort_cache_removes_only_its_temp_file_when_the_session_fails(tmp_path: P
         ort_cache.cached_session(graph, "0" * 64, ort.SessionOptions(), ["CPUExecutionProvider"])
     assert (folder / "mine.txt").read_text() == "user"
     assert [p.name for p in (tmp_path / "cache").rglob("*") if p.is_file()] == ["mine.txt"]
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else b"<dir>") for p in sorted(folder.rglob("*"))}
+
+
+def test_scratch_folders_remove_only_the_fresh_folder_they_made(vit_bundle: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Class 7: `tempfile.TemporaryDirectory` scratch (weights parked by torch_offload, the
+    calibration's augmented graph). With the system temp folder pointed at a folder that is
+    also the current directory and holds a user's files and a model folder, each removes
+    only the fresh folder it made: on success, and when the work inside fails."""
+    import tempfile
+
+    import torch
+
+    from vlm_export.quantize.config import Int8Config
+    from vlm_export.quantize.int8 import preprocess_for_quantization
+    from vlm_export.quantize.int8_calibrate import calibrate_minmax
+    from vlm_export.quantize.reader import FeedReader
+    from vlm_export.torch_offload import offloaded, others_offloaded
+
+    shared = tmp_path / "shared"
+    (shared / "model").mkdir(parents=True)
+    (shared / "model" / "model.safetensors").write_bytes(b"weights")
+    (shared / "notes.txt").write_text("mine")
+    (shared / "vlm-export-offload-lookalike").mkdir()  # a name like the scratch prefix, not made by this run
+    before = _snapshot(shared)
+    monkeypatch.setattr(tempfile, "tempdir", str(shared))
+    monkeypatch.chdir(shared)
+
+    module, other = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    seen = []
+    with others_offloaded(module, [module, other]):
+        seen += [p for p in shared.iterdir() if str(p) not in {str(shared / k) for k in before}]
+    assert len(seen) == 1 and seen[0].name.startswith("vlm-export-offload-")  # its own folder, in the temp folder
+    with pytest.raises(RuntimeError, match="boom"), offloaded(module):
+        raise RuntimeError("boom")
+    assert _snapshot(shared) == before
+
+    prepared = preprocess_for_quantization(vit_bundle / "vision" / "vision.fp32.onnx", tmp_path / "prepared.onnx")
+    feeds = [{"pixel_values": np.zeros((1, 3, 32, 32), np.float32)}]
+    calibrate_minmax(prepared, FeedReader(feeds), Int8Config().op_types, tmp_path / "ranges.json")
+    assert (tmp_path / "ranges.json").is_file() and _snapshot(shared) == before
+    with pytest.raises(Exception):  # a feed the graph refuses: the session fails mid-calibration
+        calibrate_minmax(prepared, FeedReader([{"pixel_values": np.zeros((1, 5), np.float32)}]), Int8Config().op_types,
+                         tmp_path / "bad.json")
+    assert _snapshot(shared) == before
