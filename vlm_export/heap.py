@@ -18,13 +18,28 @@ from pathlib import Path
 
 
 @functools.lru_cache(maxsize=1)
-def _trim():  # noqa: ANN202 - a ctypes function or None
-    """glibc's malloc_trim, or None where the C library has none (macOS, musl, Windows)."""
+def _libc():  # noqa: ANN202 - a ctypes library or None
+    """The C library, loaded once, or None where it cannot be found."""
     name = ctypes.util.find_library("c")
     try:
-        return ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):
+        return ctypes.CDLL(name, use_errno=True) if name else None
+    except OSError:
         return None
+
+
+@functools.lru_cache(maxsize=1)
+def _trim():  # noqa: ANN202 - a ctypes function or None
+    """glibc's malloc_trim, or None where the C library has none (macOS, musl, Windows)."""
+    return getattr(_libc(), "malloc_trim", None)
+
+
+@functools.lru_cache(maxsize=1)
+def _madvise():  # noqa: ANN202 - a ctypes function or None
+    """madvise(addr, length, advice), or None where the C library has none."""
+    madvise = getattr(_libc(), "madvise", None)
+    if madvise is not None:
+        madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return madvise
 
 
 def release_freed_memory() -> bool:
@@ -56,17 +71,14 @@ def drop_mapped_pages(suffix: str = ".safetensors") -> int:
     with every page read resident: CLIP ViT-L/14-336's vision parity then held both the
     checkpoint's pages and the restored copy (+0.8 GB). Paging out loses nothing: the pages
     are the file's, clean, and come back from it if anything reads them again."""
-    maps = Path("/proc/self/maps")
-    name = ctypes.util.find_library("c")
-    if not maps.is_file() or not name:
+    maps, madvise = Path("/proc/self/maps"), _madvise()
+    if not maps.is_file() or madvise is None:
         return 0
-    libc = ctypes.CDLL(name, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     advised = 0
     for line in maps.read_text().splitlines():
         fields = line.split()
         if len(fields) >= 6 and fields[-1].endswith(suffix):
             start, end = (int(x, 16) for x in fields[0].split("-"))
-            if libc.madvise(start, end - start, MADV_PAGEOUT) == 0:
+            if madvise(start, end - start, MADV_PAGEOUT) == 0:
                 advised += end - start
     return advised
