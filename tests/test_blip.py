@@ -342,3 +342,36 @@ def test_greedy_loop_pads_finished_rows() -> None:
     out = greedy_decode(step, np.array([[1], [1]]), eos_token_id=3, pad_token_id=0, max_new_tokens=10)
     assert out.sequences == [[3], [4, 4, 3]] and out.finished == [True, True]
     assert fed == [[1, 1], [3, 4], [0, 4]]
+
+
+def test_caption_variants_run_with_the_pytorch_model_parked(blip_bundle: Path, tiny_blip_dir: Path, photo_dir: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """PyTorch's captions and latency come first; each variant's runtime model then opens
+    with the PyTorch weights on disk (at BLIP-large this check set the build's peak, +1.5 GB),
+    the weights are back on leaving, and the verdicts are the build's own."""
+    from vlm_export.calibration.folder import load_image_folder
+    from vlm_export.families import detect
+    from vlm_export.runtime.blip import BlipModel
+
+    family = detect(tiny_blip_dir)
+    loaded = family.load(tiny_blip_dir)
+    opened_with_weights = []
+    from_files = BlipModel.from_files
+
+    def watched(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        opened_with_weights.append(any(p.numel() for p in loaded.model.parameters()))
+        return from_files(*args, **kwargs)
+
+    monkeypatch.setattr(BlipModel, "from_files", staticmethod(watched))
+    images = [img for _, img in load_image_folder(photo_dir, "--parity-images", lambda _: None)]  # the build's order
+    paths = {"vision_encoder": {k: blip_bundle / "vision_encoder" / f"vision_encoder.{k}.onnx" for k in ("fp32", "int8")},
+             **{c: {"fp32": blip_bundle / c / f"{c}.fp32.onnx"} for c in ("cross_kv", "text_decoder")}}
+    records = family.end_to_end_parity(loaded, paths, images)
+    assert opened_with_weights == [False, False]  # one runtime model per variant, none beside the weights
+    assert all(p.numel() for p in loaded.model.parameters())  # back on leaving
+    built = {r["variant"]: r for r in json.loads((blip_bundle / "parity.json").read_text())["end_to_end"]}
+    assert [r.variant for r in records] == ["fp32", "int8"]
+    for record in records:
+        assert record.passed == built[record.variant]["passed"]
+        assert record.metrics == pytest.approx(built[record.variant]["metrics"], abs=1e-9)
+        assert record.details["first_divergence"] == built[record.variant]["first_divergence"]
