@@ -69,8 +69,8 @@ def test_parity_streams_one_batch_and_one_session_at_a_time(tiny_vit, vit_bundle
         images = [photos[i % len(photos)] for i in range(count)]
         arrays: list = []
 
-        def preprocess(batch: list) -> dict:
-            samples = family.sample_inputs(loaded, batch)
+        def preprocess(batch: list, inputs: tuple | None) -> dict:
+            samples = family.sample_inputs(loaded, batch, inputs)
             arrays.append(weakref.ref(samples["pixel_values"]))
             live_inputs[count] = max(live_inputs.get(count, 0), sum(r() is not None for r in arrays))
             return samples

@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -250,14 +251,14 @@ def test_calibration_stream_holds_one_batch_whatever_the_size(tiny_vit_dir: Path
     peaks: dict[int, int] = {}
     seen = [0]
 
-    def preprocess(images: list) -> dict:
+    def preprocess(images: list, inputs: tuple | None) -> dict:
         for image in images:  # crops alive while preprocessed: tracked until garbage
             key = id(image)
             alive.add(key)
             weakref.finalize(image, alive.discard, key)
         seen[0] += len(images)
         peaks[size] = max(peaks.get(size, 0), len(alive))
-        samples = family.sample_inputs(loaded, images)
+        samples = family.sample_inputs(loaded, images, inputs)
         arrays.append(weakref.ref(samples["pixel_values"]))
         live_arrays[size] = max(live_arrays.get(size, 0), sum(r() is not None for r in arrays))
         return samples
@@ -276,7 +277,7 @@ def test_calibration_stream_holds_one_batch_whatever_the_size(tiny_vit_dir: Path
     assert peaks[16] <= 9 and peaks[96] <= 9, peaks
     assert live_arrays[16] <= 2 and live_arrays[96] <= 2, live_arrays
     # streaming changes nothing in the ranges: minmax one feed at a time == all samples in one feed
-    whole = CalibrationStream(photos, 96, lambda ims: family.sample_inputs(loaded, ims), seed=0).materialize()
+    whole = CalibrationStream(photos, 96, partial(family.sample_inputs, loaded), seed=0).materialize()
     cache = tmp_path / "cache-whole.json"
     to_int8_qdq(fp32, tmp_path / "int8-whole.onnx", FeedReader([whole]), cache_path=cache)
     assert json.loads(cache.read_text()) == caches[96]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
 
@@ -111,13 +111,17 @@ class CalibrationData:
         return self.stream.materialize()
 
 
-def _calibration_data(opts: BuildOptions, family: Any, loaded: LoadedModel, reporter: Reporter) -> CalibrationData:
+def _calibration_data(
+    opts: BuildOptions, family: Any, loaded: LoadedModel, reporter: Reporter, inputs: list[str] | None = None
+) -> CalibrationData:
+    """The calibration stream, and the guard's held-out crops made for `inputs` (those of
+    the components quantized to INT8; None: every input)."""
     from vlm_export.calibration.augment import random_resized_crops
 
     photos = [img for _, img in _images(opts.calibration_dir, "--calibration", "calibration", reporter)]
-    stream = CalibrationStream(photos, opts.calibration_size, lambda images: family.sample_inputs(loaded, images), seed=opts.seed)
+    stream = CalibrationStream(photos, opts.calibration_size, partial(family.sample_inputs, loaded), seed=opts.seed)
     check = random_resized_crops(photos, GUARD_SAMPLES + len(photos), seed=opts.seed + 1)[len(photos):]
-    return CalibrationData(stream, family.sample_inputs(loaded, check))
+    return CalibrationData(stream, family.sample_inputs(loaded, check, inputs))
 
 
 def _build_variants(
@@ -265,12 +269,15 @@ def build(opts: BuildOptions, reporter: Reporter | None = None) -> BuildResult:
             loaded = family.load(opts.model_dir)
         parity_images = _images(opts.parity_dir, "--parity-images", "parity", reporter)
         # parity inputs made a batch at a time, per component (verify.feeds.SampleStream)
-        parity_stream = SampleStream([img for _, img in parity_images], lambda images: family.sample_inputs(loaded, images))
-        parity_stream.check()
-        calib = _calibration_data(opts, family, loaded, reporter) if "int8" in opts.precisions else None
+        parity_stream = SampleStream([img for _, img in parity_images], partial(family.sample_inputs, loaded))
+        specs = family.components(loaded)
+        # every image through the family's preprocessing, for the first component's inputs (each
+        # family's image tower): a refused image is one line before minutes of export
+        parity_stream.for_inputs([t.name for t in specs[0].inputs]).check()
+        quantized = [t.name for spec in specs if spec.int8 for t in spec.inputs]
+        calib = _calibration_data(opts, family, loaded, reporter, quantized) if "int8" in opts.precisions else None
         result = BuildResult(out=opts.out)
         components, all_paths, latency_conditions = {}, {}, {}
-        specs = family.components(loaded)
         for spec in specs:
             # the other components' PyTorch weights wait on disk meanwhile (torch_offload)
             with others_offloaded(spec.module, [other.module for other in specs]):

@@ -26,14 +26,15 @@ Feed = dict[str, Any]
 class CalibrationStream:
     """`count` seeded crops of `photos`, preprocessed by `preprocess` in batches of `batch`.
 
-    `preprocess(images)` turns a list of PIL images into the family's sample inputs
-    (Family.sample_inputs); `inputs` picks the component's input names. Iterating yields
+    `preprocess(images, inputs)` turns a list of PIL images into the family's sample inputs
+    (Family.sample_inputs); `inputs` picks the component's input names (None: all), and is
+    passed on so that the family makes only those. Iterating yields
     feeds of at most `batch` samples (ragged samples: one feed per sample).
     """
 
     photos: Sequence[Any]
     count: int
-    preprocess: Callable[[list[Any]], Feed]
+    preprocess: Callable[[list[Any], tuple[str, ...] | None], Feed]
     seed: int = 0
     batch: int = 8
     inputs: tuple[str, ...] | None = None
@@ -49,7 +50,7 @@ class CalibrationStream:
         of per-sample arrays when ragged), drawn and preprocessed lazily."""
         crops = iter_crops(self.photos, self.count, seed=self.seed)
         while chunk := list(islice(crops, self.batch)):
-            samples = self.preprocess(chunk)
+            samples = self.preprocess(chunk, self.inputs)
             del chunk  # the crops are done with once preprocessed
             if self.inputs is not None:
                 samples = {k: samples[k] for k in self.inputs}

@@ -11,7 +11,7 @@ import enum
 from dataclasses import dataclass, field
 from pathlib import Path
 from contextlib import AbstractContextManager, nullcontext
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, Collection, Mapping, Protocol, Sequence, runtime_checkable
 
 from vlm_export.bundle.records import BATCH, DimSpec
 
@@ -142,7 +142,7 @@ class Family(Protocol):
         ...
 
     def sample_inputs(
-        self, loaded: LoadedModel, images: Sequence[Any]
+        self, loaded: LoadedModel, images: Sequence[Any], inputs: Collection[str] | None = None
     ) -> dict[str, "np.ndarray | list[np.ndarray]"]:
         """Inputs of every component for a list of PIL images, keyed by input name.
 
@@ -153,6 +153,13 @@ class Family(Protocol):
         patches) come as a list of per-sample arrays instead: they run one feed per
         sample (`verify.feeds.is_ragged`), and parity compares the outputs
         zero-padded to one shape and stacked (`verify.feeds.run_batched`).
+
+        `inputs` names the arrays the caller reads (None: all of them). A family skips
+        the work that makes only the others (`families.common.needs_beyond`). Why: BLIP's
+        decoder inputs come from a PyTorch run of the whole model, and LLaVA's and
+        Qwen2-VL's language-model inputs from the vision tower and the LM itself; made for
+        every batch of the vision encoder's calibration and parity, that run brought the
+        parked weights back (torch_offload's restore hook) and cost its forward per batch.
         """
         ...
 

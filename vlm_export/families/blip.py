@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Collection, Mapping, Sequence
 
 import numpy as np
 
@@ -23,7 +23,7 @@ from vlm_export.errors import InputError, UnsupportedModelError
 from vlm_export.bundle.schema import BATCH, AxisKind, DimRange, DimSpec
 from vlm_export.families.base import ComponentSpec, LoadedModel, ParityKind, TensorSpec
 from vlm_export.families.blip_decoder import decoder_shape, export_modules
-from vlm_export.families.common import load_image_processor, load_tokenizer, pixel_values, vision_component
+from vlm_export.families.common import load_image_processor, load_tokenizer, needs_beyond, pixel_values, vision_component
 from vlm_export.families.loading import load_pretrained, read_config
 from vlm_export.runtime.blip import cross_names, past_names, present_names
 
@@ -157,9 +157,11 @@ class BlipFamily:
             ),
         ]
 
-    def sample_inputs(self, loaded: LoadedModel, images: Sequence[Any]) -> dict[str, np.ndarray]:
+    def sample_inputs(self, loaded: LoadedModel, images: Sequence[Any], inputs: Collection[str] | None = None) -> dict[str, np.ndarray]:
         """Inputs of all three graphs: pixels, the PyTorch image embeddings and cross K/V,
-        and a decoder state SAMPLE_STEPS greedy tokens into the caption."""
+        and a decoder state SAMPLE_STEPS greedy tokens into the caption; each only when
+        `inputs` reads it or what is made from it (the vision encoder's own stages need
+        pixels only: no PyTorch run)."""
         import torch
 
         if not images:
@@ -167,8 +169,12 @@ class BlipFamily:
         modules = loaded.extra["modules"]
         gen = loaded.manifest_extra["generation"]
         pixels = pixel_values(loaded.extra["processor"], images)
+        if not needs_beyond(inputs, ["pixel_values"]):
+            return {"pixel_values": pixels}
         with torch.no_grad():
             image_embeds = modules["vision_encoder"](torch.from_numpy(pixels))[0]
+            if not needs_beyond(inputs, ["pixel_values", "image_embeds"]):
+                return {"pixel_values": pixels, "image_embeds": image_embeds.numpy()}
             cross = modules["cross_kv"](image_embeds)
             ids = torch.full((len(images), 1), gen["bos_token_id"], dtype=torch.long)
             past = tuple(torch.zeros(len(images), gen["num_heads"], 0, gen["head_dim"]) for _ in past_names(gen["num_layers"]))

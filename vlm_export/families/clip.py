@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Collection, Mapping, Sequence
 
 import numpy as np
 
@@ -99,7 +99,7 @@ class ClipFamily:
     def components(self, loaded: LoadedModel) -> list[ComponentSpec]:
         return [_vision_spec(loaded), _text_spec(loaded)]
 
-    def sample_inputs(self, loaded: LoadedModel, images: Sequence[Any]) -> dict[str, np.ndarray]:
+    def sample_inputs(self, loaded: LoadedModel, images: Sequence[Any], inputs: Collection[str] | None = None) -> dict[str, np.ndarray]:
         """Pixels of `images` and the tokens of "a photo of a {label}" over ZERO_SHOT_LABELS."""
         return {"pixel_values": pixel_values(loaded.extra["processor"], images), **_prompt_tokens(loaded, ZERO_SHOT_LABELS)}
 

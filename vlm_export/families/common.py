@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Collection, Mapping
 
 import numpy as np
 
@@ -72,6 +72,12 @@ def vision_component(
 def pixel_values(processor: Any, images: Any) -> np.ndarray:
     """The model's own processor on PIL images → float32 pixel_values."""
     return np.asarray(processor(images=list(images), return_tensors="np")["pixel_values"], dtype=np.float32)
+
+
+def needs_beyond(inputs: Collection[str] | None, made: Collection[str]) -> bool:
+    """Whether a caller asking for `inputs` (None: every input) needs more than `made`
+    (Family.sample_inputs: the costlier inputs are skipped when nobody reads them)."""
+    return inputs is None or not set(inputs) <= set(made)
 
 
 def load_image_processor(model_dir: Path) -> Any:

@@ -17,13 +17,13 @@ parity images (`end_to_end_parity`).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Collection, Mapping, Sequence
 
 import numpy as np
 
 from vlm_export.errors import UnsupportedModelError
 from vlm_export.families.base import ComponentSpec, LoadedModel, TensorSpec
-from vlm_export.families.common import crop_hw, load_image_processor, pixel_values, vision_component
+from vlm_export.families.common import crop_hw, load_image_processor, needs_beyond, pixel_values, vision_component
 from vlm_export.families.generation_parity import generation_parity, image_features
 from vlm_export.families.llava_language import attach_language, language_components, language_parts, language_samples
 from vlm_export.families.loading import read_config
@@ -93,9 +93,9 @@ class LlavaFamily:
             )
         ] + language_components(loaded)
 
-    def sample_inputs(self, loaded: LoadedModel, images: Sequence[Any]) -> dict[str, np.ndarray]:
+    def sample_inputs(self, loaded: LoadedModel, images: Sequence[Any], inputs: Collection[str] | None = None) -> dict[str, np.ndarray]:
         feed = {"pixel_values": pixel_values(loaded.extra["processor"], images)}
-        if "lm_step" in loaded.extra:  # the language model's mid-answer state for these images
+        if "lm_step" in loaded.extra and needs_beyond(inputs, feed):  # the LM's mid-answer state for these images
             feed |= language_samples(loaded, image_features(loaded, feed["pixel_values"]))
         return feed
 

@@ -13,14 +13,14 @@ hold several images, and one ONNX file serves every image size in the patch rang
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Collection, Mapping, Sequence
 
 import numpy as np
 
 from vlm_export.errors import BundleError, InputError, UnsupportedModelError
 from vlm_export.bundle.schema import AxisKind, DimRange, DimSpec
 from vlm_export.families.base import ComponentSpec, LoadedModel, ParityKind, TensorSpec
-from vlm_export.families.common import load_image_processor
+from vlm_export.families.common import load_image_processor, needs_beyond
 from vlm_export.families.loading import read_config
 from vlm_export.families.qwen2_vl_language import attach_language, generation_parity, language_components, language_parts, language_samples
 from vlm_export.families.safetensors_parts import load_parts
@@ -225,15 +225,16 @@ class Qwen2VLFamily:
         merge = int(loaded.preprocess["merge_size"])
         return vision_feed(np.asarray(out["pixel_values"], dtype=np.float32), grid, merge, loaded.extra["inv_freq"]), grid
 
-    def sample_inputs(self, loaded: LoadedModel, images: Sequence[Any]) -> dict[str, list[np.ndarray]]:
-        """Ragged samples: one feed per image (each has its own number of patches)."""
+    def sample_inputs(self, loaded: LoadedModel, images: Sequence[Any], inputs: Collection[str] | None = None) -> dict[str, list[np.ndarray]]:
+        """Ragged samples: one feed per image (each has its own number of patches); the
+        language model's states only when asked for (they run the tower and the LM)."""
         check_images(loaded.preprocess, images)
         samples: dict[str, list[np.ndarray]] = {}
         for image in images:
             feed, _ = self.image_inputs(loaded, image)
             for name, array in feed.items():
                 samples.setdefault(name, []).append(array)
-        return samples | language_samples(loaded, self, images)
+        return samples | (language_samples(loaded, self, images) if needs_beyond(inputs, samples) else {})
 
     def end_to_end_parity(
         self, loaded: LoadedModel, variants: Mapping[str, Mapping[str, Path]], images: Sequence[Any]

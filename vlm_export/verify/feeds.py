@@ -57,9 +57,9 @@ def _joined(runs: list[Mapping[str, np.ndarray]], ragged: bool) -> dict[str, np.
 
 @dataclass(frozen=True)
 class SampleStream:
-    """Parity samples made a batch at a time from `images` by `preprocess`
-    (Family.sample_inputs): memory holds one batch of model inputs, whatever the number of
-    parity images (the images themselves are the caller's).
+    """Parity samples made a batch at a time from `images` by `preprocess(images, inputs)`
+    (Family.sample_inputs; `inputs` as in `for_inputs`, None: all): memory holds one batch
+    of model inputs, whatever the number of parity images (the images are the caller's).
 
     Why: the build used to preprocess every parity image into one feed up front, so the
     inputs grew with the parity folder; batching the same images in the same order gives
@@ -67,7 +67,7 @@ class SampleStream:
     """
 
     images: Sequence[Any]
-    preprocess: Callable[[list[Any]], Mapping[str, Any]]
+    preprocess: Callable[[list[Any], tuple[str, ...] | None], Mapping[str, Any]]
     batch: int = 8
     inputs: tuple[str, ...] | None = None
 
@@ -78,7 +78,7 @@ class SampleStream:
     def chunks(self) -> Iterator[dict[str, Any]]:
         """The sample inputs of `batch` images at a time (stacked, or ragged lists)."""
         for start in range(0, len(self.images), self.batch):
-            samples = self.preprocess(list(self.images[start : start + self.batch]))
+            samples = self.preprocess(list(self.images[start : start + self.batch]), self.inputs)
             samples = {k: samples[k] for k in (self.inputs or samples)}
             yield samples
             del samples  # before the next batch is made: one batch alive, not two
