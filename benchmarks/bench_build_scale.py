@@ -210,16 +210,26 @@ def _peak_rss_mb() -> float:
         return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024  # kB
 
 
-def _component_sizes(bundle: Path) -> dict[str, dict[str, int]]:
-    """Per component: FP32 parameters (initializer elements) and FP32 graph bytes (with external data)."""
+def _component_sizes(bundle: Path) -> dict[str, dict[str, Any]]:
+    """Per component: FP32 parameters (initializer elements), FP32 graph bytes (with external
+    data) and multiply-accumulates per sample (verify.count_macs at batch 1, every other
+    symbolic dim at the manifest's `opt`; None where a dim has none)."""
     import onnx
 
+    from vlm_export.verify import count_macs
+
+    manifest = json.loads((bundle / "manifest.json").read_text()) if (bundle / "manifest.json").is_file() else {}
     sizes = {}
     for graph in sorted(bundle.glob("*/*.fp32.onnx")):
         model = onnx.load(str(graph), load_external_data=False)
         params = sum(math.prod(t.dims) for t in model.graph.initializer)
         data = sum(p.stat().st_size for p in graph.parent.iterdir() if p.name.startswith(graph.name))
-        sizes[graph.parent.name] = {"parameters": int(params), "fp32_bytes": int(data)}
+        dims = manifest.get("components", {}).get(graph.parent.name, {}).get("dims", {})
+        try:
+            macs = count_macs(graph, 1, {s: d["opt"] for s, d in dims.items() if "opt" in d}).per_image
+        except ValueError:  # a symbolic dim without a typical size
+            macs = None
+        sizes[graph.parent.name] = {"parameters": int(params), "fp32_bytes": int(data), "macs_per_sample": macs}
     return sizes
 
 
@@ -303,9 +313,14 @@ def plot(out: Path, png: Path) -> dict[str, Any]:
     converting = [sum(s["seconds"] for s in r["stages"] if "latency" not in s["stage"]) for r in rows]
     # CPU seconds (all threads) move far less than wall seconds when other jobs share the 2 cores.
     cpu = [r.get("cpu_seconds") for r in rows]
+    # Cost follows the work per sample more than the parameters (a 336-px tower runs 3x the
+    # tokens of a 224-px one at equal size): CPU time fitted against MACs too, where counted.
+    macs = [sum(c.get("macs_per_sample") or 0 for c in r["components"].values()) for r in rows]
+    counted = [(m, c) for m, c in zip(macs, cpu) if m and c]
     fits = {"time_exponent": _fit(params, seconds), "time_exponent_without_latency": _fit(params, converting),
             "cpu_time_exponent": _fit(params, cpu) if all(cpu) else None,
-            "rss_exponent": _fit(params, rss), "models": [r["model"] for r in rows], "parameters": params}
+            "cpu_time_exponent_vs_macs": _fit(*map(list, zip(*counted))) if len(counted) >= 2 else None,
+            "rss_exponent": _fit(params, rss), "models": [r["model"] for r in rows], "parameters": params, "macs_per_sample": macs}
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, ys, label, key in ((axes[0], seconds, "build wall time (s)", "time_exponent"), (axes[1], rss, "peak RSS (MB)", "rss_exponent")):
         ax.loglog([p / 1e6 for p in params], ys, "o-")
