@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 FLOAT, FLOAT16 = 1, 10
@@ -132,3 +133,42 @@ def test_graphs_carry_no_source_locations(vit_bundle: Path) -> None:
         assert not exporter_keys, path.name  # (onnxscript's fusion rule names may stay: no paths in them)
         data = path.read_bytes()
         assert source_root not in data and b"stack_trace" not in data and b"vlm_export.families" not in data, path.name
+
+
+def test_inline_export_is_the_exporters_graph_saved_with_less_memory(tiny_vit_dir: Path, tmp_path: Path) -> None:
+    """export_component writes a graph under 2 GB through a scratch external-data file (the
+    exporter's own inline save held the protobuf and its serialization beside the weights:
+    ViT-B/16's peak). The file is self-contained and holds the exporter's graph: the same
+    nodes, inputs, outputs and initializer values as its inline save, metadata aside."""
+    import tempfile
+
+    import onnx
+    import torch
+    from onnx import numpy_helper
+
+    from vlm_export.export import onnx_export
+    from vlm_export.families import detect
+
+    family = detect(tiny_vit_dir)
+    spec = family.components(family.load(tiny_vit_dir))[0]
+    scratch_before = set(Path(tempfile.gettempdir()).glob("vlm-export-export-*"))
+    (tmp_path / "ours").mkdir()
+    ours = onnx_export.export_component(spec, tmp_path / "ours" / "vision.fp32.onnx")
+    assert [p.name for p in ours.parent.iterdir()] == ["vision.fp32.onnx"]  # no data file beside it
+    assert set(Path(tempfile.gettempdir()).glob("vlm-export-export-*")) == scratch_before  # scratch gone
+
+    feed = spec.example_inputs(onnx_export.EXPORT_BATCH)
+    with onnx_export._quiet_exporter(), torch.no_grad(), spec.patcher():
+        program = torch.onnx.export(spec.module, tuple(torch.from_numpy(feed[t.name]) for t in spec.inputs),
+                                    input_names=[t.name for t in spec.inputs], output_names=[t.name for t in spec.outputs],
+                                    opset_version=spec.opset, dynamo=True, dynamic_shapes=onnx_export._dynamic_shapes(spec),
+                                    optimize=True, verbose=False)
+    program.save(str(tmp_path / "theirs.onnx"), external_data=False)
+    a, b = onnx.load(str(ours)), onnx.load(str(tmp_path / "theirs.onnx"))
+    onnx_export._strip_node_metadata(b)
+    assert all(t.data_location == onnx.TensorProto.DEFAULT and not t.external_data for t in a.graph.initializer)
+    assert [n.SerializeToString() for n in a.graph.node] == [n.SerializeToString() for n in b.graph.node]
+    assert a.graph.input == b.graph.input and a.graph.output == b.graph.output
+    weights = {t.name: numpy_helper.to_array(t) for t in b.graph.initializer}
+    assert len(weights) > 10 and sorted(weights) == sorted(t.name for t in a.graph.initializer)
+    assert all(np.array_equal(numpy_helper.to_array(t), weights[t.name]) for t in a.graph.initializer)

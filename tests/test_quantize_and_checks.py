@@ -84,6 +84,28 @@ def test_export_check_refuses_a_batch_axis_that_came_out_fixed(tmp_path: Path) -
     check_graph(_spec(), _graph(tmp_path / "dynamic.onnx", "batch"))  # the control: a symbolic batch passes
 
 
+@pytest.mark.parametrize("fault", ["type", "shape"])
+def test_export_check_runs_strict_shape_inference_with_types(tmp_path: Path, fault: str) -> None:
+    """onnx's full check (by path) is strict shape inference with type checks: a graph output
+    whose declared type or rank contradicts what the nodes make is refused (check_graph runs
+    no second inference in Python: it held copies of an inline graph's weights)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT, ["batch", 4])
+    y = helper.make_tensor_value_info("features", TensorProto.INT64 if fault == "type" else TensorProto.FLOAT,
+                                      ["batch", 4] if fault == "type" else ["batch", 4, 1])
+    graph = helper.make_graph([helper.make_node("Relu", ["pixel_values"], ["features"])], "g", [x], [y])
+    path = tmp_path / "bad.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    from vlm_export.export.checks import check_graph
+
+    with pytest.raises(Exception, match="(?i)inferred|type|shape|rank") as info:
+        check_graph(_spec(), path)
+    assert type(info.value).__module__.startswith("onnx")  # onnx's own refusal, not our I/O check
+    check_graph(_spec(), _graph(tmp_path / "good.onnx", "batch"))  # the control
+
+
 def test_export_check_against_torch_runs_a_second_batch(tmp_path: Path) -> None:
     """The fixed graph also fails the ORT-vs-PyTorch run at the second batch size."""
     import torch

@@ -22,14 +22,17 @@ class ExportCheckError(VlmExportError):
 
 
 def check_graph(spec: ComponentSpec, onnx_path: Path) -> None:
-    """onnx.checker + strict shape inference + graph I/O names and symbolic axes match the spec."""
+    """onnx.checker with strict shape inference; graph I/O names and symbolic axes match the spec."""
     import onnx
 
     from vlm_export.export.external import check_model
 
-    check_model(onnx_path)  # by path: reads external data, works past 2 GB
-    model = onnx.load(str(onnx_path), load_external_data=False)  # the graph; types and shapes need no weights
-    onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    # By path: reads external data, works past 2 GB. Its full check is onnx's strict shape
+    # inference with type checks (the C++ checker's InferShapes, check_type and strict mode);
+    # running infer_shapes again here on the loaded model held four copies of an inline
+    # graph's weights (ViT-B/16: +1.65 GB, that build's peak; build_memory.txt session 7).
+    check_model(onnx_path)
+    model = onnx.load(str(onnx_path), load_external_data=False)  # for the graph's inputs and outputs
     names_in = [i.name for i in model.graph.input]
     names_out = [o.name for o in model.graph.output]
     if names_in != [t.name for t in spec.inputs] or names_out != [t.name for t in spec.outputs]:

@@ -59,6 +59,7 @@ def export_component(spec: ComponentSpec, out_path: Path) -> Path:
 
     feed = spec.example_inputs(EXPORT_BATCH)
     args = tuple(torch.from_numpy(feed[t.name]) for t in spec.inputs)
+    large = _weight_bytes(spec.module) > EXTERNAL_THRESHOLD
     with _quiet_exporter(), torch.no_grad(), spec.patcher():
         program = torch.onnx.export(
             spec.module,
@@ -72,9 +73,37 @@ def export_component(spec: ComponentSpec, out_path: Path) -> Path:
             verbose=False,
         )
         with staged_output(out_path) as staged:
-            program.save(str(staged), external_data=_weight_bytes(spec.module) > EXTERNAL_THRESHOLD)
-    _strip_source_metadata(out_path)
+            if large:
+                program.save(str(staged), external_data=True)
+            else:
+                _save_inline(program, staged)
+    if large:
+        _strip_source_metadata(out_path)
     return out_path
+
+
+def _save_inline(program: Any, staged: Path) -> None:
+    """The exported program as one self-contained file, without the exporter's metadata.
+
+    Why through external data: the exporter's inline save builds the protobuf and its
+    serialization from the weights at once: ViT-B/16 (330 MiB) went from 491 to 1845 MiB
+    during that save, the whole build's peak (5.6x its weights, benchmarks/results/build_memory.txt
+    session 7). Written with external data, the weights stream to a scratch file; read back
+    into one ModelProto and saved inline, at most the proto and its serialization are held.
+    """
+    import tempfile
+
+    import onnx
+
+    from vlm_export.heap import drop_mapped_pages
+
+    with tempfile.TemporaryDirectory(prefix="vlm-export-export-") as tmp:
+        scratch = Path(tmp) / staged.name
+        program.save(str(scratch), external_data=True)
+        drop_mapped_pages()  # the checkpoint's pages the export read: clean, read again when PyTorch runs
+        model = onnx.load(str(scratch))  # the weights read into the proto, once
+    _strip_node_metadata(model)
+    onnx.save(model, str(staged))
 
 
 def _weight_bytes(module: "torch.nn.Module") -> int:  # noqa: F821 - torch imported lazily
@@ -95,6 +124,12 @@ def _strip_source_metadata(path: Path) -> None:
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
+    _strip_node_metadata(model)
+    onnx.save(model, str(path))  # the graph only: tensors stored externally keep their location
+
+
+def _strip_node_metadata(model: Any) -> None:
+    """Clear every node's metadata_props (graph, subgraphs, functions) in place."""
     graphs = [model.graph]
     while graphs:
         graph = graphs.pop()
@@ -106,4 +141,3 @@ def _strip_source_metadata(path: Path) -> None:
     for function in model.functions:
         for node in function.node:
             del node.metadata_props[:]
-    onnx.save(model, str(path))  # the graph only: tensors stored externally keep their location
