@@ -33,10 +33,11 @@ def to_fp16_in_memory(fp32_path: Path, out_path: Path, keep_ops: Sequence[str] =
 
     from vlm_export.export.external import check_model, save_model
     from vlm_export.quantize.fp16_repair import make_valid
+    from vlm_export.quantize.lean_reload import infer_shapes_in_place
 
     # Shape inference (which the converter needs for its casts) on the graph alone, then the
     # weights: onnx's in-memory inference serializes the model, impossible past 2 GB.
-    model = onnx.shape_inference.infer_shapes(onnx.load(str(fp32_path), load_external_data=False))
+    model = infer_shapes_in_place(onnx.load(str(fp32_path), load_external_data=False))
     onnx.external_data_helper.load_external_data_for_model(model, str(Path(fp32_path).parent))
     converted = convert_float_to_float16(model, keep_io_types=True, op_block_list=list(keep_ops), disable_shape_infer=True)
     del model  # the converter edits in place; no second copy of the weights stays alive

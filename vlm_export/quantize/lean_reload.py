@@ -40,9 +40,9 @@ def reload_with_shape_infer_in_place(model: Any) -> Any:
     return model
 
 
-def _infer_weight_free(model: Any) -> Any:
+def _infer_weight_free(model: Any, mark_loaded: bool = True) -> Any:
     """onnx shape inference on a copy of `model` whose large tensors carry no values
-    (marked on `model` as onnx.load marks tensors it read from external data).
+    (with `mark_loaded`, marked on `model` as onnx.load marks tensors it read from external data).
 
     Why a copy and not the tensors' bytes lifted out and put back: protobuf (upb) keeps a
     message's memory in an arena that only grows: bytes cleared and set again are a new
@@ -58,8 +58,8 @@ def _infer_weight_free(model: Any) -> Any:
     for tensor in model.graph.initializer:
         if tensor.HasField("raw_data") and len(tensor.raw_data) >= _EXTERNAL_THRESHOLD:
             skeleton.graph.initializer.add(name=tensor.name, dims=tensor.dims, data_type=tensor.data_type)
-            # As onnx.load sets it on a tensor read back from external data: the bytes written match.
-            tensor.data_location = onnx.TensorProto.DEFAULT
+            if mark_loaded:  # as onnx.load sets it on a tensor read back from external data: the bytes written match
+                tensor.data_location = onnx.TensorProto.DEFAULT
         else:
             skeleton.graph.initializer.add().CopyFrom(tensor)
     return onnx.shape_inference.infer_shapes(skeleton)
@@ -76,6 +76,22 @@ def _copy_fields(source: Any, target: Any, skip: tuple[str, ...]) -> None:
             getattr(target, field.name).CopyFrom(value)
         else:
             setattr(target, field.name, value)
+
+
+def infer_shapes_in_place(model: Any) -> Any:
+    """`onnx.shape_inference.infer_shapes(model)`'s result, made on `model` itself: the nodes
+    (their subgraphs carry inferred value_info too), value_info, inputs and outputs of the
+    graph inferred on a weight-free copy; the initializers are left untouched.
+
+    Why: in-memory inference serializes the model, parses it in C++, serializes and parses
+    the result back: four copies of an inline graph's weights at once (the FP16 stage of
+    ViT-B/16: 1551 -> 2229 MiB, benchmarks/results/build_memory.txt session 7)."""
+    inferred = _infer_weight_free(model, mark_loaded=False)
+    graph = model.graph
+    for field in ("node", "value_info", "input", "output"):
+        graph.ClearField(field)
+        getattr(graph, field).extend(getattr(inferred.graph, field))
+    return model
 
 
 @contextlib.contextmanager
