@@ -12,8 +12,9 @@ ownership supplied by the code that created the path. The classes:
 6. caches the tool fills (the converted default model: its marker; the default image
    sets: their exact SOURCES.md).
 7. scratch folders from `tempfile.TemporaryDirectory` in the system temp folder (parked
-   PyTorch weights, the calibration's augmented graph): the stdlib removes exactly the
-   fresh folder it made.
+   PyTorch weights, the calibration's augmented graph, the inline export's data file, the
+   tokenizer.json written at load, ...): the stdlib removes exactly the fresh folder it made;
+   every site is listed and checked for a fresh folder in the system temp folder.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ import pytest
 
 import vlm_export
 from vlm_export.cleanup import TEMP_TAG, is_temp, remove_empty_dir, remove_file, remove_tree, temp_dir, temp_file
+from test_blip import tiny_blip_dir  # noqa: F401
+from test_clip import tiny_clip_dir  # noqa: F401
 from vlm_export.errors import InputError
 
 PACKAGE = Path(vlm_export.__file__).parent
@@ -320,3 +323,91 @@ def test_scratch_folders_remove_only_the_fresh_folder_they_made(vit_bundle: Path
         calibrate_minmax(prepared, FeedReader([{"pixel_values": np.zeros((1, 5), np.float32)}]), Int8Config().op_types,
                          tmp_path / "bad.json")
     assert _snapshot(shared) == before
+
+
+def _scratch_calls(source: str) -> list[tuple[int, dict[str, object]]]:
+    """(line, keyword arguments) of every tempfile.TemporaryDirectory call (the one stdlib call
+    that deletes: mkdtemp in cleanup.temp_dir only creates, class 1 removes it)."""
+    calls = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
+                node.func.attr == "TemporaryDirectory":
+            calls.append((node.lineno, {k.arg: ast.literal_eval(k.value) if isinstance(k.value, ast.Constant) else None
+                                        for k in node.keywords}))
+    return calls
+
+
+def test_every_scratch_folder_is_fresh_in_the_system_temp_folder() -> None:
+    """Class 7, every site: each scratch folder is a new one that the stdlib creates in the
+    system temp folder (no `dir=`: never the model's, the images' or the current folder),
+    named with the tool's prefix. The stdlib's cleanup removes exactly that folder."""
+    found = {str(p.relative_to(PACKAGE)): calls for p in sorted(PACKAGE.rglob("*.py"))
+             if (calls := _scratch_calls(p.read_text(encoding="utf-8")))}
+    assert set(found) == {"torch_offload.py", "export/onnx_export.py", "quantize/int8_calibrate.py", "quantize/int8.py",
+                          "quantize/method_choice.py", "families/blip.py", "families/clip.py",
+                          "families/llava_language.py", "families/qwen2_vl_language.py"}, found
+    for path, calls in found.items():
+        for line, keywords in calls:
+            assert set(keywords) == {"prefix"}, (path, line, keywords)
+            assert str(keywords["prefix"]).startswith("vlm-export-"), (path, line)
+    assert _scratch_calls("import tempfile\ntempfile.TemporaryDirectory(dir='.')\n") == [(2, {"dir": "."})]  # the control
+
+
+@pytest.fixture()
+def shared_temp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The system temp folder pointed at a folder that is also the current directory and
+    holds a user's file, a model folder and a look-alike of the scratch prefix."""
+    import tempfile
+
+    shared = tmp_path / "shared"
+    (shared / "model").mkdir(parents=True)
+    (shared / "model" / "model.safetensors").write_bytes(b"weights")
+    (shared / "notes.txt").write_text("mine")
+    (shared / "vlm-export-export-lookalike").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(shared))
+    monkeypatch.chdir(shared)
+    return shared
+
+
+def test_export_scratch_removes_only_its_folder(tiny_vit_dir: Path, tmp_path: Path, shared_temp: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The inline export's scratch external-data file (export.onnx_export): its folder goes,
+    on success and when reading it back fails; the graph lands where it was asked."""
+    import onnx
+
+    from vlm_export.export import onnx_export
+    from vlm_export.families import detect
+
+    before = _snapshot(shared_temp)
+    family = detect(tiny_vit_dir)
+    spec = family.components(family.load(tiny_vit_dir))[0]
+    (tmp_path / "out").mkdir()
+    graph = onnx_export.export_component(spec, tmp_path / "out" / "vision.fp32.onnx")
+    assert graph.is_file() and _snapshot(shared_temp) == before
+
+    def refuse(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise OSError("unreadable")
+
+    monkeypatch.setattr(onnx, "load", refuse)
+    with pytest.raises(OSError, match="unreadable"):
+        onnx_export.export_component(spec, tmp_path / "out" / "again.onnx")
+    assert _snapshot(shared_temp) == before and not (tmp_path / "out" / "again.onnx").exists()
+
+
+def test_tokenizer_scratch_goes_with_the_loaded_model(tiny_blip_dir: Path, tiny_clip_dir: Path,  # noqa: F811
+                                                      shared_temp: Path) -> None:
+    """BLIP's and CLIP's tokenizer.json written at load (families.blip, families.clip) lives in
+    a scratch folder that goes when the loaded model does, and nothing else with it."""
+    import gc
+
+    from vlm_export.families import detect
+
+    before = _snapshot(shared_temp)
+    for model_dir, prefix in ((tiny_blip_dir, "vlm-export-blip-"), (tiny_clip_dir, "vlm-export-tok-")):
+        model_files = _snapshot(model_dir)
+        loaded = detect(model_dir).load(model_dir)
+        made = [p for p in shared_temp.iterdir() if p.name not in before and p.name.startswith(prefix)]
+        assert len(made) == 1 and (made[0] / "tokenizer.json").is_file(), made
+        del loaded
+        gc.collect()
+        assert _snapshot(shared_temp) == before and _snapshot(model_dir) == model_files
