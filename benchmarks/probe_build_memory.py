@@ -32,8 +32,17 @@ _KEEP = ("vlm_export", "onnxruntime", "onnx/", "torch/onnx", "transformers")
 
 
 def _rss_mb() -> int:
+    return _statm_mb()[0]
+
+
+def _statm_mb() -> tuple[int, int]:
+    """(resident, of which file-backed or shared) in MiB. The file-backed part is pages of
+    mapped files: the libraries' code and data as they are used, a memory-mapped checkpoint;
+    the rest (anonymous) is what the build allocates."""
     with open("/proc/self/statm", encoding="ascii") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 2**20
+        fields = f.read().split()
+    page = os.sysconf("SC_PAGE_SIZE")
+    return int(fields[1]) * page // 2**20, int(fields[2]) * page // 2**20
 
 
 def _status_mb(field: str) -> int:
@@ -86,17 +95,17 @@ def main(argv: list[str]) -> int:
     out_json, flags, build_args = Path(argv[0]), argv[1:argv.index("--")], argv[argv.index("--") + 1:]
     if "--without-memory-fixes" in flags:
         _undo_memory_fixes()
-    main_id, samples, peak, done = threading.main_thread().ident, [], {"mb": 0, "t": 0.0, "stack": []}, threading.Event()
+    main_id, samples, peak, done = threading.main_thread().ident, [], {"mb": 0, "t": 0.0, "stack": [], "file_mb": 0}, threading.Event()
     start = time.time()
 
     def sample() -> None:
         while not done.is_set():
             frame = sys._current_frames().get(main_id)
             if frame is not None:
-                mb, stack = _rss_mb(), _where(frame)
-                samples.append((round(time.time() - start, 2), mb, stack[-1] if stack else "?"))
+                (mb, file_mb), stack = _statm_mb(), _where(frame)
+                samples.append((round(time.time() - start, 2), mb, stack[-1] if stack else "?", file_mb))
                 if mb > peak["mb"]:
-                    peak.update(mb=mb, t=time.time() - start, stack=stack)
+                    peak.update(mb=mb, t=time.time() - start, stack=stack, file_mb=file_mb)
             time.sleep(0.05)
 
     floor = _floor_mb()
@@ -112,11 +121,11 @@ def main(argv: list[str]) -> int:
         done.set()
         thread.join()
     hwm, fp32 = _status_mb("VmHWM"), _fp32_mb(build_args)
-    out_json.write_text(json.dumps({"peak_mb": peak["mb"], "peak_t": peak["t"], "peak_stack": peak["stack"], "floor_mb": floor,
+    out_json.write_text(json.dumps({"peak_mb": peak["mb"], "peak_t": peak["t"], "peak_stack": peak["stack"], "peak_file_mb": peak["file_mb"], "floor_mb": floor,
                                     "vmhwm_mb": hwm, "fp32_mb": fp32, "loadavg_end": os.getloadavg(), "samples": samples}))
-    print(f"sampled peak {peak['mb']} MB at {peak['t']:.1f} s in:\n  " + "\n  ".join(peak["stack"]))
+    print(f"sampled peak {peak['mb']} MB ({peak['file_mb']} MB of it file-backed) at {peak['t']:.1f} s in:\n  " + "\n  ".join(peak["stack"]))
     tops: dict[str, list[float]] = {}
-    for t, mb, key in samples:
+    for t, mb, key, _ in samples:
         span = tops.setdefault(key, [t, t, 0])
         span[1], span[2] = t, max(span[2], mb)
     for key, (first, last, mb) in sorted(tops.items(), key=lambda kv: -kv[1][2])[:15]:

@@ -123,11 +123,13 @@ def lean_pre_process(fp32_path: Path, out_path: Path, external: bool) -> Path:
     external, all_tensors_to_one_file=True, external_data_location=data_location(out_path)),
     holding at most one copy of the weights (module docstring)."""
     import onnx
+    from onnx.external_data_helper import load_external_data_for_model
     from onnxruntime.quantization.quant_utils import add_pre_process_metadata
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
     from vlm_export.cleanup import is_temp, remove_file, temp_file
     from vlm_export.export.external import data_location
+    from vlm_export.export.layout_stream import streamable, write_inline
 
     fp32_path, out_path = Path(fp32_path), Path(out_path)
     if _opset(fp32_path) <= 10:  # quant_pre_process first swaps Upsample for Resize: let it
@@ -147,14 +149,38 @@ def lean_pre_process(fp32_path: Path, out_path: Path, external: bool) -> Path:
         del inferred
         _optimize(preprocessed, optimized)
         onnx.shape_inference.infer_shapes_path(str(optimized), str(inferred_path))
-        model = onnx.load(str(inferred_path))  # the one copy of the weights
+        model = onnx.load(str(inferred_path), load_external_data=False)
+        add_pre_process_metadata(model)
+        if external:
+            load_external_data_for_model(model, str(inferred_path.parent))  # the one copy of the weights
+            onnx.save_model(model, str(out_path), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data_location(out_path), size_threshold=_SIZE_THRESHOLD, convert_attribute=False)
+        elif streamable(model):
+            write_inline(model, inferred_path.parent, out_path)  # a tensor at a time (export.layout_stream)
+        else:
+            load_external_data_for_model(model, str(inferred_path.parent))
+            onnx.save(model, str(out_path))
     finally:
         for _, path in steps:
             remove_file(path, is_temp)
-    add_pre_process_metadata(model)
-    if external:
-        onnx.save_model(model, str(out_path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data_location(out_path), size_threshold=_SIZE_THRESHOLD, convert_attribute=False)
-    else:
-        onnx.save(model, str(out_path))
     return out_path
+
+
+def lean_pre_process_inline(fp32_path: Path, out_path: Path) -> Path:
+    """`quant_pre_process_as_before(fp32_path, out_path, external=False)` for a graph stored
+    inline, through `lean_pre_process`: the graph is re-saved with its weights in an
+    external-data file in a scratch folder beside `out_path`, and the result is written
+    inline a tensor at a time. Same bytes (tests/test_quant_preprocess.py); ViT-B/16's
+    pre-pass 1704 -> ~660 MiB over its start (build_memory.txt, session 8)."""
+    from vlm_export.cleanup import is_temp, remove_tree, temp_dir
+    from vlm_export.export.layout_stream import write_external
+
+    fp32_path, out_path = Path(fp32_path), Path(out_path)
+    scratch = temp_dir(out_path.parent, "pre-process")
+    try:
+        source = write_external(fp32_path, scratch / "source.onnx", "source.onnx.data", _SIZE_THRESHOLD)
+        if _opset(source) <= 10:  # read on the weight-free copy: loading the inline graph is what this avoids
+            return quant_pre_process_as_before(fp32_path, out_path, external=False)
+        return lean_pre_process(source, out_path, external=False)
+    finally:
+        remove_tree(scratch, is_temp)

@@ -30,8 +30,9 @@ _TENSOR_EXTERNAL_DATA, _TENSOR_DATA_LOCATION, _EXTERNAL = 13, 14, 1
 _MAX_DEPTH = 64  # subgraphs nest (If inside Loop inside If …); a hostile file must not nest without bound
 
 
-class _Reader:
-    """Protobuf wire format over a buffer: varints, and the span of each field's value."""
+class WireReader:
+    """Protobuf wire format over a buffer: varints, and the span of each field's value
+    (export.layout_stream walks a graph with it too)."""
 
     def __init__(self, buf: Any, name: str) -> None:
         self.buf, self.name = buf, name
@@ -74,7 +75,7 @@ class _Reader:
             raise self._bad("a field runs past its message")
 
 
-def _tensor_location(reader: _Reader, start: int, end: int) -> str | None:
+def _tensor_location(reader: WireReader, start: int, end: int) -> str | None:
     """The `location` of an external tensor; None for a tensor with inline data.
 
     A `location` entry counts even without data_location=EXTERNAL: stricter than
@@ -96,7 +97,7 @@ def _tensor_location(reader: _Reader, start: int, end: int) -> str | None:
     return location
 
 
-def _scan(reader: _Reader, end: int) -> list[str]:
+def _scan(reader: WireReader, end: int) -> list[str]:
     """Every external location under the ModelProto spanning [0, end), in file order."""
     found: list[str] = []
     stack: list[tuple[str, int, int, int]] = [("model", 0, end, 0)]  # explicit stack: no Python recursion
@@ -114,6 +115,12 @@ def _scan(reader: _Reader, end: int) -> list[str]:
     return found
 
 
+def locations_in(buf: Any, name: str) -> list[str]:
+    """The distinct external `location`s of the serialized ModelProto in `buf`, in order
+    (`name` is the file it came from, for errors)."""
+    return list(dict.fromkeys(_scan(WireReader(buf, name), len(buf))))
+
+
 def external_locations(onnx_path: Path) -> list[str]:
     """The distinct `location` strings of every external tensor in `onnx_path`, in file
     order: initializers, sparse initializers, node attributes (Constant), subgraphs and
@@ -125,7 +132,7 @@ def external_locations(onnx_path: Path) -> list[str]:
             if size == 0:
                 raise BundleError(f"'{path}' is empty, not an ONNX file; rebuild or re-copy the bundle")
             with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-                return list(dict.fromkeys(_scan(_Reader(buf, str(path)), size)))
+                return locations_in(buf, str(path))
     except OSError as exc:
         raise BundleError(f"cannot read '{path}' ({exc.strerror or exc}); re-copy the bundle") from None
 
