@@ -21,7 +21,7 @@ tests/test_layout_stream.py compares both with onnx's own.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Callable
 
 _GRAPH = 7  # ModelProto.graph
 _INITIALIZER = 5  # GraphProto.initializer
@@ -190,16 +190,21 @@ def write_inline(model: Any, base_dir: Path, out_path: Path) -> Path:
     return Path(out_path)
 
 
-def inline_copy(external_path: Path, out_path: Path) -> Path:
-    """`external_path` (a graph with external data) written inline to `out_path`: streamed
-    when `streamable`, else loaded whole and saved (data-location markers cleared either way)."""
+def inline_copy(external_path: Path, out_path: Path, edit: Callable[[Any], None] | None = None) -> Path:
+    """`external_path` (a graph with external data) written inline to `out_path`, after
+    `edit(model)` if given (it may change anything but the initializers' values): streamed
+    when `streamable`, else loaded whole and saved; the initializers' data-location markers
+    cleared either way."""
     import onnx
+    from onnx.external_data_helper import load_external_data_for_model
 
     model = onnx.load(str(external_path), load_external_data=False)
+    if edit is not None:
+        edit(model)
     if streamable(model):
         return write_inline(model, Path(external_path).parent, out_path)
-    model = onnx.load(str(external_path))
-    for tensor in onnx.external_data_helper._get_all_tensors(model):
+    load_external_data_for_model(model, str(Path(external_path).parent))
+    for tensor in model.graph.initializer:
         tensor.ClearField("data_location")
     onnx.save(model, str(out_path))
     return Path(out_path)

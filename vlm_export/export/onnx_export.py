@@ -88,22 +88,19 @@ def _save_inline(program: Any, staged: Path) -> None:
     Why through external data: the exporter's inline save builds the protobuf and its
     serialization from the weights at once: ViT-B/16 (330 MiB) went from 491 to 1845 MiB
     during that save, the whole build's peak (5.6x its weights, benchmarks/results/build_memory.txt
-    session 7). Written with external data, the weights stream to a scratch file; read back
-    into one ModelProto and saved inline, at most the proto and its serialization are held.
+    session 7). Written with external data, the weights stream to a scratch file, and from
+    there into the inline file a tensor at a time (export.layout_stream).
     """
     import tempfile
 
-    import onnx
-
+    from vlm_export.export.layout_stream import inline_copy
     from vlm_export.heap import drop_mapped_pages
 
     with tempfile.TemporaryDirectory(prefix="vlm-export-export-") as tmp:
         scratch = Path(tmp) / staged.name
         program.save(str(scratch), external_data=True)
         drop_mapped_pages()  # the checkpoint's pages the export read: clean, read again when PyTorch runs
-        model = onnx.load(str(scratch))  # the weights read into the proto, once
-    _strip_node_metadata(model)
-    onnx.save(model, str(staged))
+        inline_copy(scratch, staged, edit=_strip_node_metadata)
 
 
 def _weight_bytes(module: "torch.nn.Module") -> int:  # noqa: F821 - torch imported lazily
