@@ -121,14 +121,48 @@ def test_int8_variant_of_an_inline_graph_equals_onnxruntime_pre_pass(vit_bundle:
     (tmp_path / "theirs").mkdir()
     calls: list[str] = []
     lean = preprocess.lean_pre_process_inline
-    monkeypatch.setattr(preprocess, "lean_pre_process_inline", lambda *a: calls.append("inline") or lean(*a))
+    monkeypatch.setattr(preprocess, "lean_pre_process_inline", lambda *a, **k: calls.append("inline") or lean(*a, **k))
     ours = int8.to_int8_qdq(source, tmp_path / "ours" / "vision.int8.onnx", FeedReader(_feeds()))
     assert calls == ["inline"]  # an inline graph takes the streamed pass
     monkeypatch.setattr(preprocess, "lean_pre_process_inline",
-                        lambda fp32, out: preprocess.quant_pre_process_as_before(fp32, out, external=False))
+                        lambda fp32, out, external=False: preprocess.quant_pre_process_as_before(fp32, out, external))
     theirs = int8.to_int8_qdq(source, tmp_path / "theirs" / "vision.int8.onnx", FeedReader(_feeds()))
     assert ours.read_bytes() == theirs.read_bytes()
     assert sorted(p.name for p in (tmp_path / "ours").iterdir()) == ["vision.int8.onnx"]
+
+
+def test_int8_variant_of_an_inline_graph_is_the_all_inline_route_s_bytes(vit_bundle: Path, tmp_path: Path) -> None:
+    """to_int8_qdq keeps an inline graph's prepared, augmented and quantized copies in
+    external data and writes the variant inline at the end: the bytes and the ranges are
+    those of the route that keeps every graph inline (onnxruntime's pre-pass, calibration
+    on the inline graph, quantize_static writing inline), as the build did before."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    from vlm_export.quantize import int8
+    from vlm_export.quantize.config import Int8Config
+    from vlm_export.quantize.int8_calibrate import calibrate_minmax
+
+    source = vit_bundle / "vision" / "vision.fp32.onnx"
+    (tmp_path / "ours").mkdir()
+    ours = int8.to_int8_qdq(source, tmp_path / "ours" / "vision.int8.onnx", FeedReader(_feeds()),
+                            cache_path=tmp_path / "ours" / "ranges.json")
+
+    config, inline = Int8Config(), tmp_path / "inline"
+    inline.mkdir()
+    prepared = preprocess.quant_pre_process_as_before(source, inline / "prepared.onnx", external=False)
+    exclude = int8.activation_matmuls(prepared)
+    ranges = calibrate_minmax(prepared, FeedReader(_feeds()), config.op_types, inline / "ranges.json", False, exclude)
+    quantize_static(str(prepared), str(inline / "int8.onnx"), FeedReader(_feeds()), quant_format=QuantFormat.QDQ,
+                    op_types_to_quantize=list(config.op_types), per_channel=config.per_channel,
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
+                    extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
+                                   "OpTypesToExcludeOutputQuantization": list(config.op_types), "CalibStridedMinMax": 1},
+                    calibration_cache_path=str(ranges), use_external_data_format=False)
+    assert exclude  # attention's activation MatMuls stay float in both
+    assert ours.read_bytes() == (inline / "int8.onnx").read_bytes()
+    int8._canonical_json(ranges)
+    assert (tmp_path / "ours" / "ranges.json").read_text() == ranges.read_text()
+    assert sorted(p.name for p in (tmp_path / "ours").iterdir()) == ["ranges.json", "vision.int8.onnx"]
 
 
 _CHILD = r"""

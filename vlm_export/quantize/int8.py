@@ -48,19 +48,20 @@ def _method_options(config: Int8Config) -> dict[str, object]:
     return {}
 
 
-def preprocess_for_quantization(fp32_path: Path, out_path: Path) -> Path:
+def preprocess_for_quantization(fp32_path: Path, out_path: Path, external: bool = False) -> Path:
     """ORT's recommended pre-pass (quant_pre_process): symbolic shape inference and graph
     clean-up, through quantize.preprocess: the same steps and bytes with fewer copies of
     the weights held. A large graph (export.external) keeps its weights in one
     external-data file (ViT-L/16, 1.16 GiB: 1.5 GiB peak where ORT's took 3.9); a small one
     goes through an external-data scratch copy and is written back inline a tensor at a
-    time (ViT-B/16: 1704 -> ~660 MiB over the stage's start)."""
+    time (ViT-B/16: 1704 -> 149 MiB over the stage's start), or, with `external`, stays
+    in external data beside `out_path` (for steps that then read it: to_int8_qdq)."""
     from vlm_export.export.external import is_large
     from vlm_export.quantize.preprocess import lean_pre_process, lean_pre_process_inline
 
     if is_large(fp32_path):
         return lean_pre_process(fp32_path, out_path, external=True)
-    return lean_pre_process_inline(fp32_path, out_path)
+    return lean_pre_process_inline(fp32_path, out_path, external=external)
 
 
 def activation_matmuls(onnx_path: Path) -> list[str]:
@@ -94,11 +95,16 @@ def to_int8_qdq(
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     from vlm_export.export.external import is_large, staged_output
+    from vlm_export.export.layout_stream import inline_copy
 
     large = is_large(fp32_path)
     with tempfile.TemporaryDirectory(prefix="vlm-export-q-") as tmp, _quiet_root_logger(), staged_output(out_path) as staged:
-        prepared = preprocess_for_quantization(fp32_path, Path(tmp) / "prepared.onnx")
-        release_freed_memory()  # quant_pre_process' copies, before calibration's session
+        # Every step works on graphs whose weights lie in external-data files, an inline
+        # graph's too (a scratch copy; the result is written back inline a tensor at a time,
+        # export.layout_stream): onnx's whole-file loads and saves of the prepared, augmented
+        # and quantized graphs each held the weights two to three times (build_memory.txt, session 8).
+        prepared = preprocess_for_quantization(fp32_path, Path(tmp) / "prepared.onnx", external=True)
+        release_freed_memory()  # the pre-pass's copies, before calibration's session
         exclude = list(config.nodes_to_exclude)
         if not config.quantize_activation_matmuls:
             exclude += activation_matmuls(prepared)
@@ -108,11 +114,12 @@ def to_int8_qdq(
             # taken (quantize.int8_calibrate); quantize_static then reads the ranges' cache.
             from vlm_export.quantize.int8_calibrate import calibrate_minmax
 
-            ranges = calibrate_minmax(prepared, reader, config.op_types, ranges or Path(tmp) / "ranges.json", large,
+            ranges = calibrate_minmax(prepared, reader, config.op_types, ranges or Path(tmp) / "ranges.json", True,
                                       exclude)
+        quantized = staged if large else Path(tmp) / "quantized.onnx"
         quantize_static(
             str(prepared),
-            str(staged),
+            str(quantized),
             reader,
             quant_format=QuantFormat.QDQ,
             op_types_to_quantize=list(config.op_types),
@@ -136,8 +143,10 @@ def to_int8_qdq(
                 "CalibStridedMinMax": 1,
             },
             calibration_cache_path=str(ranges) if ranges else None,
-            use_external_data_format=large,  # calibration's augmented graph too, past 2 GB
+            use_external_data_format=True,  # calibration's augmented graph too
         )
+        if not large:
+            inline_copy(quantized, staged)
     if cache_path is not None and Path(cache_path).is_file():
         _canonical_json(Path(cache_path))
     return out_path

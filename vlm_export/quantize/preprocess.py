@@ -166,12 +166,13 @@ def lean_pre_process(fp32_path: Path, out_path: Path, external: bool) -> Path:
     return out_path
 
 
-def lean_pre_process_inline(fp32_path: Path, out_path: Path) -> Path:
+def lean_pre_process_inline(fp32_path: Path, out_path: Path, external: bool = False) -> Path:
     """`quant_pre_process_as_before(fp32_path, out_path, external=False)` for a graph stored
     inline, through `lean_pre_process`: the graph is re-saved with its weights in an
     external-data file in a scratch folder beside `out_path`, and the result is written
-    inline a tensor at a time. Same bytes (tests/test_quant_preprocess.py); ViT-B/16's
-    pre-pass 1704 -> ~660 MiB over its start (build_memory.txt, session 8)."""
+    inline a tensor at a time, or with its data in `data_location(out_path)` when
+    `external`. Same bytes (tests/test_quant_preprocess.py); ViT-B/16's pre-pass
+    1704 -> 149 MiB over its start (build_memory.txt, session 8)."""
     from vlm_export.cleanup import is_temp, remove_tree, temp_dir
     from vlm_export.export.layout_stream import write_external
 
@@ -180,7 +181,7 @@ def lean_pre_process_inline(fp32_path: Path, out_path: Path) -> Path:
     try:
         source = write_external(fp32_path, scratch / "source.onnx", "source.onnx.data", _SIZE_THRESHOLD)
         if _opset(source) <= 10:  # read on the weight-free copy: loading the inline graph is what this avoids
-            return quant_pre_process_as_before(fp32_path, out_path, external=False)
-        return lean_pre_process(source, out_path, external=False)
+            return quant_pre_process_as_before(fp32_path, out_path, external=external)
+        return lean_pre_process(source, out_path, external=external)
     finally:
         remove_tree(scratch, is_temp)
