@@ -16,6 +16,10 @@ then loads the result (the one copy), adds quant_pre_process's metadata and save
 its data in `data_location(out_path)`, as the quant_pre_process call it replaces did: the
 output is byte-identical (tests/test_quant_preprocess.py, ViT-L/16 in
 benchmarks/results/build_memory.txt).
+
+A graph stored inline goes the same way through `lean_pre_process_inline`: split into an
+external-data scratch copy and, unless the caller keeps external data, written back inline
+a tensor at a time (export.layout_stream), so no step holds its weights whole.
 """
 
 from __future__ import annotations
@@ -167,7 +171,7 @@ def lean_pre_process(fp32_path: Path, out_path: Path, external: bool) -> Path:
 
 
 def lean_pre_process_inline(fp32_path: Path, out_path: Path, external: bool = False) -> Path:
-    """`quant_pre_process_as_before(fp32_path, out_path, external=False)` for a graph stored
+    """`quant_pre_process_as_before(fp32_path, out_path, external)` for a graph stored
     inline, through `lean_pre_process`: the graph is re-saved with its weights in an
     external-data file in a scratch folder beside `out_path`, and the result is written
     inline a tensor at a time, or with its data in `data_location(out_path)` when
