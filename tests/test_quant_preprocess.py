@@ -96,37 +96,35 @@ def _feeds() -> list[dict[str, np.ndarray]]:
     return [{"pixel_values": rng.uniform(-2, 2, (n, 3, 32, 32)).astype(np.float32)} for n in (2, 1)]
 
 
-def test_int8_variant_from_the_lean_pass_equals_onnxruntime_pre_pass(external_fp32: Path, tmp_path: Path,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def _int8_both_ways(source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lean_name: str,
+                    theirs: object) -> tuple[Path, Path]:
+    """The INT8 QDQ variant of `source` with our pre-pass (`preprocess.<lean_name>`, which
+    must be the one taken) and with `theirs` in its place."""
     from vlm_export.quantize import int8
 
     (tmp_path / "ours").mkdir()
     (tmp_path / "theirs").mkdir()
     calls: list[str] = []
-    lean = preprocess.lean_pre_process
-    monkeypatch.setattr(preprocess, "lean_pre_process", lambda *a, **k: calls.append("lean") or lean(*a, **k))
-    ours = int8.to_int8_qdq(external_fp32, tmp_path / "ours" / "vision.int8.onnx", FeedReader(_feeds()))
-    assert calls == ["lean"]  # a graph with external data takes the lean pass
-    monkeypatch.setattr(preprocess, "lean_pre_process", preprocess.quant_pre_process_as_before)
-    theirs = int8.to_int8_qdq(external_fp32, tmp_path / "theirs" / "vision.int8.onnx", FeedReader(_feeds()))
+    lean = getattr(preprocess, lean_name)
+    monkeypatch.setattr(preprocess, lean_name, lambda *a, **k: calls.append(lean_name) or lean(*a, **k))
+    ours = int8.to_int8_qdq(source, tmp_path / "ours" / "vision.int8.onnx", FeedReader(_feeds()))
+    assert calls == [lean_name]  # the pass this layout takes
+    monkeypatch.setattr(preprocess, lean_name, theirs)
+    return ours, int8.to_int8_qdq(source, tmp_path / "theirs" / "vision.int8.onnx", FeedReader(_feeds()))
+
+
+def test_int8_variant_from_the_lean_pass_equals_onnxruntime_pre_pass(external_fp32: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    ours, theirs = _int8_both_ways(external_fp32, tmp_path, monkeypatch, "lean_pre_process",
+                                   preprocess.quant_pre_process_as_before)
     assert _files(ours) == _files(theirs)  # byte-for-byte, data file included
 
 
 def test_int8_variant_of_an_inline_graph_equals_onnxruntime_pre_pass(vit_bundle: Path, tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    from vlm_export.quantize import int8
-
-    source = vit_bundle / "vision" / "vision.fp32.onnx"
-    (tmp_path / "ours").mkdir()
-    (tmp_path / "theirs").mkdir()
-    calls: list[str] = []
-    lean = preprocess.lean_pre_process_inline
-    monkeypatch.setattr(preprocess, "lean_pre_process_inline", lambda *a, **k: calls.append("inline") or lean(*a, **k))
-    ours = int8.to_int8_qdq(source, tmp_path / "ours" / "vision.int8.onnx", FeedReader(_feeds()))
-    assert calls == ["inline"]  # an inline graph takes the streamed pass
-    monkeypatch.setattr(preprocess, "lean_pre_process_inline",
-                        lambda fp32, out, external=False: preprocess.quant_pre_process_as_before(fp32, out, external))
-    theirs = int8.to_int8_qdq(source, tmp_path / "theirs" / "vision.int8.onnx", FeedReader(_feeds()))
+    ours, theirs = _int8_both_ways(
+        vit_bundle / "vision" / "vision.fp32.onnx", tmp_path, monkeypatch, "lean_pre_process_inline",
+        lambda fp32, out, external=False: preprocess.quant_pre_process_as_before(fp32, out, external))
     assert ours.read_bytes() == theirs.read_bytes()
     assert sorted(p.name for p in (tmp_path / "ours").iterdir()) == ["vision.int8.onnx"]
 
