@@ -3,9 +3,11 @@
 What is checked: the int8-cpu variant of the tiny ViT's inline FP32 graph is the model
 the direct route makes (fusions and onnxruntime's dynamic quantizer on the inline graph),
 tensor for tensor and node for node, written inline with no data file; and, in a fresh
-process, that no weight of the parsed graph stays referenced afterwards, where the
-direct route leaves onnxscript's rewrite rules holding them (the control: the leak this
-layout avoids, one FP32 copy kept to the end of a build).
+process, that no weight of the parsed graph stays referenced afterwards (the control: a
+graph loaded and held on purpose is seen by the same measure). The leak this layout avoids:
+on an inline source, onnxscript's rewrite rules keep the graphs they matched, whose tensors
+are views of the parsed file: one FP32 copy kept to the end of a build (onnxscript 0.7.2;
+benchmarks/results/build_memory.txt, session 8).
 """
 
 from __future__ import annotations
@@ -52,14 +54,13 @@ import gc, sys
 from pathlib import Path
 import onnx_ir as ir
 from vlm_export.quantize import int8
-from vlm_export.quantize.cpu_fusions import fuse_for_cpu
 source, folder = Path(sys.argv[1]), Path(sys.argv[2])
 def held():  # bytes of parsed-file tensors still referenced
     gc.collect()
     return sum(t.nbytes for t in gc.get_objects() if isinstance(t, ir.TensorProtoTensor))
 int8.to_int8_cpu(source, folder / "int8-cpu.onnx")
 after_ours = held()
-fuse_for_cpu(source, folder / "fused.onnx")
+kept = ir.load(str(source))  # the control: a graph held on purpose is seen
 print(after_ours, held())
 """
 
@@ -71,6 +72,6 @@ def test_no_weight_stays_referenced_after_int8_cpu(vit_bundle: Path, tmp_path: P
     weights = sum(len(t.raw_data) for t in onnx.load(str(source)).graph.initializer)
     done = subprocess.run([sys.executable, "-c", _CHILD, str(source), str(tmp_path)], capture_output=True, text=True,
                           check=True, timeout=300)
-    ours, direct = (int(x) for x in done.stdout.split()[-2:])
-    assert direct > weights // 2, (direct, weights)  # the control: the inline route leaves the weights referenced
+    ours, with_one_held = (int(x) for x in done.stdout.split()[-2:])
+    assert with_one_held > weights // 2, (with_one_held, weights)  # the control: the measure sees a held graph
     assert ours < weights // 100, (ours, weights)
