@@ -3,7 +3,10 @@
 Every deletion in the package goes through `vlm_export.cleanup` with a proof of
 ownership supplied by the code that created the path. The classes:
 
-1. temporary files/folders (name tag `TEMP_TAG`, or inside such a folder);
+1. temporary files/folders (name tag `TEMP_TAG`, or inside such a folder), among them
+   the INT8 pre-pass's scratch copy of an inline graph (quantize.preprocess), made beside
+   the prepared graph; and the graph writers that fill such folders
+   (export.layout_stream) create files only, never replacing one;
 2. staging folders of a build (their marker);
 3. folders set aside during a `--force` swap (a `.partial-` sibling of OUT that is a
    bundle or a marked staging folder), and the swap's journal;
@@ -110,6 +113,69 @@ def test_a_failed_bundle_write_removes_only_its_temp_file(vit_bundle: Path, tmp_
     with pytest.raises(BundleWriteError, match="disk full"):
         write_bundle_file(bundle, "report.md", b"new")
     assert sorted(p.name for p in bundle.iterdir()) == before  # the temp file went, nothing else
+
+
+def _user_folder(folder: Path) -> dict[str, bytes]:
+    """A folder as a user keeps it: a model, an image, notes, and a folder named like the
+    tool's scratch (tag included) that this run did not make."""
+    (folder / "model").mkdir(parents=True)
+    (folder / "model" / "model.safetensors").write_bytes(b"weights")
+    (folder / "photo.jpg").write_bytes(b"\xff\xd8")
+    (folder / "notes.txt").write_text("mine")
+    (folder / f".pre-process{TEMP_TAG}old").mkdir()
+    (folder / f".pre-process{TEMP_TAG}old" / "keep.onnx").write_bytes(b"not this run's")
+    return _snapshot(folder)
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_inline_pre_pass_scratch_removes_only_its_own_folder(vit_bundle: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch, fails: bool) -> None:
+    """quantize.preprocess.lean_pre_process_inline splits the graph into a scratch folder
+    beside the prepared graph (cleanup.temp_dir) and removes it by its tag: with that folder
+    a user's, holding a tagged look-alike from an earlier run, only the folder this call
+    made goes, on success and when the pass fails; the source graph is untouched."""
+    from vlm_export.quantize import preprocess
+
+    folder, source = tmp_path / "user", vit_bundle / "vision" / "vision.fp32.onnx"
+    before, graph = _user_folder(folder), source.read_bytes()
+    monkeypatch.chdir(folder)
+    if fails:
+        def broken(src: Path, out: Path, external: bool) -> Path:
+            assert is_temp(src.parent) and src.parent.parent == folder and (src.parent / "source.onnx.data").is_file()
+            raise RuntimeError("pass failed")
+
+        monkeypatch.setattr(preprocess, "lean_pre_process", broken)
+        with pytest.raises(RuntimeError, match="pass failed"):
+            preprocess.lean_pre_process_inline(source, folder / "prepared.onnx")
+        assert _snapshot(folder) == before
+    else:
+        preprocess.lean_pre_process_inline(source, folder / "prepared.onnx")
+        after = _snapshot(folder)
+        assert after.pop("prepared.onnx") and after == before
+    assert source.read_bytes() == graph
+
+
+def test_layout_writers_never_replace_a_file(vit_bundle: Path, tmp_path: Path) -> None:
+    """export.layout_stream's writers create their files: pointed at a user's files they
+    refuse before writing anything, and the files stay byte for byte."""
+    import onnx
+
+    from vlm_export.export.layout_stream import inline_copy, write_external, write_inline
+
+    source = vit_bundle / "vision" / "vision.fp32.onnx"
+    made = write_external(source, tmp_path / "g.onnx", "g.onnx.data")  # the tool's own, in its folder
+    folder = tmp_path / "user"
+    before = _user_folder(folder)
+    with pytest.raises(FileExistsError):  # the graph's name taken: the data file is not made either
+        write_external(source, folder / "notes.txt", "new.data")
+    with pytest.raises(FileExistsError):  # the data file's name taken
+        write_external(source, folder / "new.onnx", "photo.jpg")
+    with pytest.raises(FileExistsError):
+        write_inline(onnx.load(str(made), load_external_data=False), made.parent, folder / "photo.jpg")
+    with pytest.raises(FileExistsError):
+        inline_copy(made, folder / "model" / "model.safetensors")
+    assert _snapshot(folder) == before
+    assert write_inline(onnx.load(str(made), load_external_data=False), made.parent, folder / "new.onnx").is_file()  # control
 
 
 # -- 2. staging folders ------------------------------------------------------------------

@@ -15,11 +15,13 @@ ViT-B/16's INT8 pre-pass peaked there at 1.0 GB over its start for 0.33 GB of we
   and its values appended to the data file; what `onnx.save_model(..., save_as_external_data
   =True, all_tensors_to_one_file=True, size_threshold=1024, convert_attribute=False)` keeps
   (the same tensors go out, the file's offsets may differ).
-tests/test_layout_stream.py compares both with onnx's own.
+tests/test_layout_stream.py compares both with onnx's own. Both create their files (open
+mode "x") and refuse a path that exists: they never replace anything (tests/test_deletions.py).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
@@ -123,9 +125,10 @@ def write_external(inline_path: Path, out_path: Path, location: str, size_thresh
     from vlm_export.runtime.onnx_external import WireReader
 
     source, out_path = Path(inline_path), Path(out_path)
+    _refuse_existing(out_path)  # before the data file is made: nothing of ours is left on refusal
     model, graph = onnx.ModelProto(), onnx.GraphProto()
     with source.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf, \
-            (out_path.parent / location).open("wb") as data:
+            (out_path.parent / location).open("xb") as data:
         reader = WireReader(buf, str(source))
         for number, wire, value in reader.fields(0, len(buf)):
             if number != _GRAPH or wire != _LENGTH_DELIMITED:
@@ -144,8 +147,17 @@ def write_external(inline_path: Path, out_path: Path, location: str, size_thresh
                 graph.initializer.append(tensor)
                 _drop(buf, span)
     model.graph.CopyFrom(graph)
-    onnx.save(model, str(out_path))
+    with out_path.open("xb") as out:  # what onnx.save writes for a model whose tensors are all written out
+        out.write(model.SerializeToString())
     return out_path
+
+
+def _refuse_existing(path: Path) -> None:
+    """Both writers create their files and never replace one: they write into scratch or
+    staging folders the caller made, so an existing file is someone else's (a user's model,
+    an image) and is left as it is."""
+    if os.path.lexists(path):
+        raise FileExistsError(f"'{path}' exists; layout_stream writes new files only")
 
 
 def _drop(buf: Any, span: tuple[int, int]) -> None:
@@ -181,7 +193,7 @@ def write_inline(model: Any, base_dir: Path, out_path: Path) -> Path:
     graph_before, graph_after = _fields(shell, lambda n: n < _INITIALIZER), _fields(shell, lambda n: n > _INITIALIZER)
     framed = [(_key(_INITIALIZER) + _varint(t.size), t) for t in tensors]
     graph_size = len(graph_before) + sum(len(frame) + t.size for frame, t in framed) + len(graph_after)
-    with Path(out_path).open("wb") as out:
+    with Path(out_path).open("xb") as out:
         out.write(_fields(model, lambda n: n < _GRAPH) + _key(_GRAPH) + _varint(graph_size) + graph_before)
         for frame, tensor in framed:
             out.write(frame)
@@ -198,6 +210,7 @@ def inline_copy(external_path: Path, out_path: Path, edit: Callable[[Any], None]
     import onnx
     from onnx.external_data_helper import load_external_data_for_model
 
+    _refuse_existing(Path(out_path))  # the fallback's onnx.save would replace it
     model = onnx.load(str(external_path), load_external_data=False)
     if edit is not None:
         edit(model)
