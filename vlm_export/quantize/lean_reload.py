@@ -30,14 +30,16 @@ def reload_with_shape_infer_in_place(model: Any) -> Any:
     """What onnxruntime's `save_and_reload_model_with_shape_infer` returns, made on `model` itself."""
     from onnxruntime.quantization.quant_utils import add_infer_metadata
 
-    inferred = _infer_weight_free(model)
-    graph = model.graph
-    for field in ("value_info", "input", "output"):
-        graph.ClearField(field)
-        getattr(graph, field).extend(getattr(inferred.graph, field))
-    del inferred
+    _take_inferred(model, _infer_weight_free(model), ("value_info", "input", "output"))
     add_infer_metadata(model)
     return model
+
+
+def _take_inferred(model: Any, inferred: Any, fields: tuple[str, ...]) -> None:
+    """Replace `fields` of `model`'s graph with those of the weight-free `inferred` copy."""
+    for field in fields:
+        model.graph.ClearField(field)
+        getattr(model.graph, field).extend(getattr(inferred.graph, field))
 
 
 def _infer_weight_free(model: Any, mark_loaded: bool = True) -> Any:
@@ -86,11 +88,7 @@ def infer_shapes_in_place(model: Any) -> Any:
     Why: in-memory inference serializes the model, parses it in C++, serializes and parses
     the result back: four copies of an inline graph's weights at once (the FP16 stage of
     ViT-B/16: 1551 -> 2229 MiB, benchmarks/results/build_memory.txt session 7)."""
-    inferred = _infer_weight_free(model, mark_loaded=False)
-    graph = model.graph
-    for field in ("node", "value_info", "input", "output"):
-        graph.ClearField(field)
-        getattr(graph, field).extend(getattr(inferred.graph, field))
+    _take_inferred(model, _infer_weight_free(model, mark_loaded=False), ("node", "value_info", "input", "output"))
     return model
 
 
