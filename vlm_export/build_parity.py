@@ -37,6 +37,13 @@ PYTORCH = "pytorch-eager-cpu"
 # Timed seconds per (PyTorch, variant) pair. A small model's 20 runs fit (ViT-B/16: ~4 s);
 # ViT-L/16's 20 runs of ~1.5 s per side took 208 s for 5 candidates.
 LATENCY_BUDGET_S = 15.0
+# Parity images per run. Why one: a session's activations, and the arena onnxruntime keeps at
+# their high-water mark, grow with the batch. ViT-B/16 FP16 on the CPU provider (Xeon, 2
+# threads): +578 MiB over the start at 8 images a run, +417 at 1, 181 vs 190 ms per image.
+# With one image a run, the moment PyTorch's weights (paged back in by its run) and a
+# session's are both resident is the latency rounds', not a batch's (each session is made
+# with PyTorch's pages handed back: verify.evaluation.ort_cpu_session).
+PARITY_BATCH = 1
 
 
 def component_parity(
@@ -82,12 +89,11 @@ def _variant(
 ) -> tuple[ParityRecord, LatencyResult]:
     """One variant: its CPU session's outputs and latency pair, then (QDQ) its verdict session's outputs."""
     from vlm_export.recipes import Evaluation
-    from vlm_export.runtime.session import create_session
     from vlm_export.verify import compare, evaluate
-    from vlm_export.verify.evaluation import verdict_session
+    from vlm_export.verify.evaluation import ort_cpu_session, verdict_session
 
     rounds, per_round, budget_s = plan
-    session = create_session(path, "cpu")  # what the runtime runs: latency, and the CPU kernels' outputs
+    session = ort_cpu_session(path)  # what the runtime runs: latency, and the CPU kernels' outputs
     outputs = _outputs(session, stream)
     pair = interleaved({PYTORCH: pytorch, key: lambda: session.run(None, one)}, rounds, per_round, budget_s=budget_s)
     del session
@@ -95,7 +101,6 @@ def _variant(
     if made.evaluation is Evaluation.ORT_CPU:
         judged = outputs
     else:
-        release_freed_memory()
         judged = _outputs(verdict_session(path, key), stream)
     record = evaluate(spec, key, made.precision, reference, judged, evaluation=made.evaluation)
     if judged is not outputs:  # reported beside the verdict, labelled, never judged

@@ -76,9 +76,17 @@ def drop_mapped_pages(suffix: str = ".safetensors") -> int:
         return 0
     advised = 0
     for line in maps.read_text().splitlines():
-        fields = line.split()
-        if len(fields) >= 6 and fields[-1].endswith(suffix):
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and _mapped_name(fields[5]).endswith(suffix):
             start, end = (int(x, 16) for x in fields[0].split("-"))
             if madvise(start, end - start, MADV_PAGEOUT) == 0:
                 advised += end - start
     return advised
+
+
+def _mapped_name(path: str) -> str:
+    """A /proc/self/maps path without the kernel's " (deleted)" mark. Why: the PyTorch
+    weights parked and restored by torch_offload are views of a safetensors file in a
+    temporary folder that is already gone; its map is still the file's, clean, pageable."""
+    path = path.strip()
+    return path[: -len(" (deleted)")] if path.endswith(" (deleted)") else path

@@ -57,13 +57,16 @@ def torch_outputs(spec: ComponentSpec, feed: dict[str, np.ndarray]) -> dict[str,
 
 def check_against_torch(spec: ComponentSpec, onnx_path: Path, atol_scale: float = 1e-4) -> dict[str, float]:
     """ORT CPU vs PyTorch at each of CHECK_BATCHES; returns max_abs per batch size."""
-    from vlm_export.runtime.session import create_session
+    from vlm_export.verify.evaluation import ort_cpu_session
 
-    session = create_session(onnx_path, "cpu")
+    # PyTorch first, every batch, then the session: the two models' weights are never resident
+    # together (ort_cpu_session hands PyTorch's mapped pages back before it makes the session)
+    feeds = {batch: spec.example_inputs(batch) for batch in CHECK_BATCHES}
+    expected_at = {batch: torch_outputs(spec, feed) for batch, feed in feeds.items()}
+    session = ort_cpu_session(onnx_path)
     result = {}
-    for batch in CHECK_BATCHES:
-        feed = spec.example_inputs(batch)
-        expected = torch_outputs(spec, feed)
+    for batch, feed in feeds.items():
+        expected = expected_at[batch]
         got = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))
         worst = 0.0
         for name, ref in expected.items():

@@ -24,7 +24,7 @@ from vlm_export.cleanup import is_temp, remove_file, remove_tree, temp_dir
 # Bytes of tensor data above which a graph is written with external data: half the 2 GiB
 # protobuf limit, so the graph's own nodes, an FP16 copy's Casts or ORT's calibration
 # outputs added to a graph never push it over.
-EXTERNAL_THRESHOLD = 1 << 30
+EXTERNAL_THRESHOLD = 128 << 20
 
 
 def data_location(onnx_path: Path) -> str:

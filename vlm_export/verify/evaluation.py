@@ -19,11 +19,21 @@ def ort_cpu_session(model: "Path | str | Any", evaluation: Evaluation = Evaluati
     """A CPU session (runtime.session.create_session) over an ONNX file or ModelProto, for
     `evaluation`. FLOAT_QDQ turns every graph optimisation off: no QDQ fusion into
     QLinear/integer kernels, no S8→U8 rewrite, so each DequantizeLinear feeds a float MatMul.
+
+    Made lean, because the build makes it beside the PyTorch model: PyTorch's weights (clean
+    pages of a mapped safetensors file) are handed back first and read again when PyTorch
+    next runs, and the heap onnxruntime freed while making it (the graph's parsed copy,
+    constant folding) is returned after. ViT-B/16's check against PyTorch held both at once:
+    its build's peak (benchmarks/results/build_memory.txt, session 9).
     """
+    from vlm_export.heap import drop_mapped_pages, release_freed_memory
     from vlm_export.runtime.session import create_session
 
     source = Path(model) if isinstance(model, (str, Path)) else model.SerializeToString()
-    return create_session(source, "cpu", optimize=evaluation is not Evaluation.FLOAT_QDQ)
+    drop_mapped_pages()
+    session = create_session(source, "cpu", optimize=evaluation is not Evaluation.FLOAT_QDQ)
+    release_freed_memory()
+    return session
 
 
 def verdict_session(model: "Path | str | Any", variant_key: str) -> Any:
