@@ -8,7 +8,10 @@ session is alive during parity and latency (counted through create_session); the
 budget turns a plan that would not fit into rounds of one call, never fewer than
 MIN_ROUNDS, and leaves a plan that fits unchanged; the PyTorch weights parked on disk
 during the FP16/INT8 stages come back equal (tied weights still tied), also when a family
-runs the model meanwhile. Peak RSS itself is measured in benchmarks/probe_build_memory.py
+runs the model meanwhile; the export's check against PyTorch runs PyTorch at every batch
+before it makes its session, and that session (like every build-time CPU session) is made
+with PyTorch's mapped pages handed back, so the two models' weights are never resident
+together. Peak RSS itself is measured in benchmarks/probe_build_memory.py
 (benchmarks/results/build_memory.txt), not here.
 """
 
@@ -169,3 +172,62 @@ def test_offloaded_weights_come_back_equal_and_tied_and_on_first_forward() -> No
         got = model(tokens)  # the hook brings every weight back before the first submodule runs
         assert parked.restored and torch.equal(got, expected)
     assert torch.equal(model(tokens), expected)
+
+
+def test_check_against_torch_runs_pytorch_before_making_its_session(tiny_vit, vit_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PyTorch's outputs at every check batch, then PyTorch's mapped pages handed back, then
+    the session: on ViT-B/16 the two models' weights side by side were the export stage's
+    peak (1366 MiB of its 1456; benchmarks/results/build_memory.txt, session 9)."""
+    import vlm_export.export.checks as checks
+    import vlm_export.heap as heap
+    import vlm_export.runtime.session as runtime_session
+
+    _, _, spec, _ = tiny_vit
+    events: list[str] = []
+
+    def logged(name: str, function):  # noqa: ANN001, ANN202 - wraps any callable
+        def call(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            events.append(name)
+            return function(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(checks, "torch_outputs", logged("pytorch", checks.torch_outputs))
+    monkeypatch.setattr(heap, "drop_mapped_pages", logged("pages handed back", heap.drop_mapped_pages))
+    monkeypatch.setattr(heap, "release_freed_memory", logged("heap returned", heap.release_freed_memory))
+    monkeypatch.setattr(runtime_session, "create_session", logged("session", runtime_session.create_session))
+    worst = checks.check_against_torch(spec, vit_bundle / "vision" / "vision.fp32.onnx")
+    assert events == ["pytorch"] * len(checks.CHECK_BATCHES) + ["pages handed back", "session", "heap returned"], events
+    assert set(worst) == {f"batch{b}" for b in checks.CHECK_BATCHES}
+    assert all(0.0 <= v < 1e-4 for v in worst.values()), worst  # the check still compares: FP32 graph vs PyTorch
+
+
+def test_parity_stream_runs_one_sample_at_a_time_with_the_same_chunks(tiny_vit) -> None:
+    """The build's parity stream (run_batch=PARITY_RUN_BATCH) still makes images 8 at a time
+    (a family's per-chunk samples, such as CLIP's prompts, are not repeated), runs them one
+    sample at a time, and gives the outputs of runs of 8 (to float rounding)."""
+    from vlm_export.build_parity import PARITY_RUN_BATCH
+    from vlm_export.export import torch_outputs
+    from vlm_export.verify.feeds import SampleStream, run_stream
+
+    family, loaded, spec, photos = tiny_vit
+    images = [photos[i % len(photos)] for i in range(11)]
+    chunks: list[int] = []
+
+    def preprocess(batch: list, inputs: tuple | None) -> dict:
+        chunks.append(len(batch))
+        return family.sample_inputs(loaded, batch, inputs)
+
+    runs: list[int] = []
+
+    def run(feed: dict) -> dict:
+        runs.append(len(feed["pixel_values"]))
+        return torch_outputs(spec, feed)
+
+    stream = SampleStream(images, preprocess, run_batch=PARITY_RUN_BATCH).for_inputs(["pixel_values"])
+    one_at_a_time = run_stream(run, stream)
+    assert PARITY_RUN_BATCH == 1 and chunks == [8, 3] and runs == [1] * 11, (chunks, runs)
+    eights = run_stream(lambda f: torch_outputs(spec, f), SampleStream(images, preprocess).for_inputs(["pixel_values"]))
+    assert one_at_a_time.keys() == eights.keys()
+    for name, value in eights.items():
+        assert one_at_a_time[name].shape == value.shape == (11, *value.shape[1:])
+        np.testing.assert_allclose(one_at_a_time[name], value, rtol=1e-5, atol=1e-5)

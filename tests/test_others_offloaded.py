@@ -83,13 +83,14 @@ def test_clip_text_module_holds_the_text_tower_alone_and_gives_get_text_features
 
 
 
-def _resident_kb(path: Path) -> int:
-    """Resident kB of this process's maps of `path` (Linux /proc/self/smaps)."""
+def _resident_kb(path: "Path | str") -> int:
+    """Resident kB of this process's maps of `path` (Linux /proc/self/smaps; a deleted
+    file's maps are named "PATH (deleted)")."""
     total, current = 0, None
     for line in Path("/proc/self/smaps").read_text().splitlines():
-        fields = line.split()
+        fields = line.split(maxsplit=5)
         if fields and "-" in fields[0] and len(fields) >= 5:
-            current = fields[-1] if len(fields) >= 6 else None
+            current = fields[5].strip() if len(fields) == 6 else None
         elif fields and fields[0] == "Rss:" and current == str(path):
             total += int(fields[1])
     return total
@@ -125,3 +126,33 @@ def test_parked_weights_leave_memory_though_a_view_keeps_the_checkpoint_mapped(
         assert (resident < 512) is dropped, resident
         assert torch.equal(kept_view, expected)
     assert module.weight.shape == (1024, 1024) and torch.equal(module.weight.data[:2], expected)
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").is_file(), reason="reads the process's memory maps from Linux /proc")
+@pytest.mark.parametrize("named_without_mark", [True, False])
+def test_pages_of_a_deleted_safetensors_file_are_handed_back(
+    named_without_mark: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Weights restored by torch_offload are views of a safetensors file whose temporary
+    folder is already gone; its maps are named "PATH (deleted)". drop_mapped_pages hands their
+    pages back too (the control: matching the map's name with the mark left on, as before,
+    leaves them resident), and the values read again from the file are the same."""
+    import vlm_export.heap as heap
+    from safetensors.torch import load_file, save_file
+
+    weights = tmp_path / "parked" / "weights.safetensors"
+    weights.parent.mkdir()
+    torch.manual_seed(1)
+    save_file({"weight": torch.randn(1024, 1024)}, str(weights))
+    restored = load_file(str(weights))["weight"]  # a view of the file's map, as torch_offload's restore makes
+    expected = float(restored.sum())  # every page read
+    weights.unlink()
+    weights.parent.rmdir()
+    gone = f"{weights} (deleted)"
+    assert _resident_kb(gone) >= 4096  # the 4 MiB weight is resident through the deleted file's map
+    if not named_without_mark:
+        monkeypatch.setattr(heap, "_mapped_name", lambda path: path.strip())
+    heap.drop_mapped_pages()
+    resident = _resident_kb(gone)
+    assert (resident < 512) is named_without_mark, resident
+    assert float(restored.sum()) == expected

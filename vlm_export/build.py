@@ -16,7 +16,7 @@ import numpy as np
 
 from vlm_export.bundle import BundleWriter
 from vlm_export.bundle.schema import Component, ExternalData, Manifest, TensorEntry, VariantEntry
-from vlm_export.build_parity import PARITY_BATCH
+from vlm_export.build_parity import PARITY_RUN_BATCH
 from vlm_export.calibration.stream import CalibrationStream
 from vlm_export.engines.plan import record_ep_plans
 from vlm_export.errors import InputError
@@ -270,7 +270,8 @@ def build(opts: BuildOptions, reporter: Reporter | None = None) -> BuildResult:
             loaded = family.load(opts.model_dir)
         parity_images = _images(opts.parity_dir, "--parity-images", "parity", reporter)
         # parity inputs made a batch at a time, per component (verify.feeds.SampleStream)
-        parity_stream = SampleStream([img for _, img in parity_images], partial(family.sample_inputs, loaded), batch=PARITY_BATCH)
+        parity_stream = SampleStream([img for _, img in parity_images], partial(family.sample_inputs, loaded),
+                                    run_batch=PARITY_RUN_BATCH)
         specs = family.components(loaded)
         # every image through the family's preprocessing, for the first component's inputs (each
         # family's image tower): a refused image is one line before minutes of export

@@ -37,13 +37,14 @@ PYTORCH = "pytorch-eager-cpu"
 # Timed seconds per (PyTorch, variant) pair. A small model's 20 runs fit (ViT-B/16: ~4 s);
 # ViT-L/16's 20 runs of ~1.5 s per side took 208 s for 5 candidates.
 LATENCY_BUDGET_S = 15.0
-# Parity images per run. Why one: a session's activations, and the arena onnxruntime keeps at
-# their high-water mark, grow with the batch. ViT-B/16 FP16 on the CPU provider (Xeon, 2
-# threads): +578 MiB over the start at 8 images a run, +417 at 1, 181 vs 190 ms per image.
-# With one image a run, the moment PyTorch's weights (paged back in by its run) and a
+# Parity samples per run (verify.feeds.SampleStream.run_batch; images are still made 8 at a
+# time). Why one: a session's activations, and the arena onnxruntime keeps at their high-water
+# mark for the session's life, grow with the batch. ViT-B/16 FP16 on the CPU provider (Xeon,
+# 2 threads): +578 MiB over the start at 8 samples a run, +417 at 1, 181 vs 190 ms per sample.
+# With one sample a run, the moment PyTorch's weights (paged back in by its run) and a
 # session's are both resident is the latency rounds', not a batch's (each session is made
 # with PyTorch's pages handed back: verify.evaluation.ort_cpu_session).
-PARITY_BATCH = 1
+PARITY_RUN_BATCH = 1
 
 
 def component_parity(

@@ -70,6 +70,10 @@ class SampleStream:
     preprocess: Callable[[list[Any], tuple[str, ...] | None], Mapping[str, Any]]
     batch: int = 8
     inputs: tuple[str, ...] | None = None
+    # Samples per run of a chunk (None: `batch`). Apart from `batch` because a chunk of images
+    # is not always a chunk of samples: CLIP's text samples are its label prompts, the same
+    # for every chunk, so fewer images per chunk would repeat them (build_parity.PARITY_RUN_BATCH).
+    run_batch: int | None = None
 
     def for_inputs(self, names: Sequence[str]) -> "SampleStream":
         """The same stream restricted to one component's inputs."""
@@ -104,7 +108,7 @@ def run_stream(run: Callable[[dict[str, np.ndarray]], Mapping[str, np.ndarray]],
     runs, ragged = [], False
     for samples in stream.chunks():
         ragged = ragged or is_ragged(samples)
-        runs += [dict(run(f)) for f in batched_feeds(samples, stream.batch)]
+        runs += [dict(run(f)) for f in batched_feeds(samples, stream.run_batch or stream.batch)]
         del samples
     if not runs:
         raise ValueError("run_stream() needs at least one sample")
