@@ -308,12 +308,13 @@ def plot(out: Path, png: Path) -> dict[str, Any]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401 - matplotlib.ticker.NullFormatter below
 
     rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
     rows = [r for r in rows if not r.get("error") and r.get("components")]
     rows = list({r["model"]: r for r in rows}.values())  # --again appends: the newest line of a model counts
     floor = next((r["peak_rss_mb"] for r in rows if r["model"] == FLOOR_MODEL), None)
-    rows = [r for r in rows if r["model"] != FLOOR_MODEL]
+    rows = sorted((r for r in rows if r["model"] != FLOOR_MODEL), key=lambda r: sum(c["parameters"] for c in r["components"].values()))
     params = [sum(c["parameters"] for c in r["components"].values()) for r in rows]
     seconds, rss = [r["total_seconds"] for r in rows], [r["peak_rss_mb"] for r in rows]
     # The latency stage runs a fixed number of timed rounds: reported, and fitted apart.
@@ -340,7 +341,14 @@ def plot(out: Path, png: Path) -> dict[str, Any]:
         for p, y, r in zip(params, ys, rows):
             ax.annotate(r["model"], (p / 1e6, y), fontsize=7)
         exponent = fits[key]
+        if key == "rss_exponent":  # the bound, and what any build costs (not fitted)
+            fp32 = [sum(c["fp32_bytes"] for c in r["components"].values()) / 2**20 for r in rows]
+            ax.loglog([p / 1e6 for p in params], [4 * f for f in fp32], "--", color="grey", label="4x FP32")
+            if floor is not None:
+                ax.axhline(floor, color="grey", linestyle=":", label=f"{FLOOR_MODEL} build ({floor:.0f} MB)")
+            ax.legend(fontsize=7)
         ax.set_title(f"{label}: exponent {exponent:.2f}" if exponent is not None else label)
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # the minor labels overlap
         ax.set_xlabel("exported parameters (M)")
         ax.set_ylabel(label)
     fig.suptitle(f"vlm-export build, fp32+fp16+int8 — {rows[0]['machine_before']['cpu'] if rows else ''}", fontsize=9)

@@ -193,7 +193,7 @@ def test_check_against_torch_runs_pytorch_before_making_its_session(tiny_vit, vi
 
     monkeypatch.setattr(checks, "torch_outputs", logged("pytorch", checks.torch_outputs))
     monkeypatch.setattr(heap, "drop_mapped_pages", logged("pages handed back", heap.drop_mapped_pages))
-    monkeypatch.setattr(heap, "release_freed_memory", logged("heap returned", heap.release_freed_memory))
+    monkeypatch.setattr(heap, "trim_heap", logged("heap returned", heap.trim_heap))
     monkeypatch.setattr(runtime_session, "create_session", logged("session", runtime_session.create_session))
     worst = checks.check_against_torch(spec, vit_bundle / "vision" / "vision.fp32.onnx")
     assert events == ["pytorch"] * len(checks.CHECK_BATCHES) + ["pages handed back", "session", "heap returned"], events

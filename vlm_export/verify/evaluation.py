@@ -23,16 +23,17 @@ def ort_cpu_session(model: "Path | str | Any", evaluation: Evaluation = Evaluati
     Made lean, because the build makes it beside the PyTorch model: PyTorch's weights (clean
     pages of a mapped safetensors file) are handed back first and read again when PyTorch
     next runs, and the heap onnxruntime freed while making it (the graph's parsed copy,
-    constant folding) is returned after. ViT-B/16's check against PyTorch held both at once:
-    its build's peak (benchmarks/results/build_memory.txt, session 9).
+    constant folding) is returned after (heap.trim_heap: C++ heap, no collection needed).
+    ViT-B/16's check against PyTorch held both at once: its build's peak
+    (benchmarks/results/build_memory.txt, session 9).
     """
-    from vlm_export.heap import drop_mapped_pages, release_freed_memory
+    from vlm_export.heap import drop_mapped_pages, trim_heap
     from vlm_export.runtime.session import create_session
 
     source = Path(model) if isinstance(model, (str, Path)) else model.SerializeToString()
     drop_mapped_pages()
     session = create_session(source, "cpu", optimize=evaluation is not Evaluation.FLOAT_QDQ)
-    release_freed_memory()
+    trim_heap()
     return session
 
 
