@@ -35,10 +35,9 @@ from typing import Any, Callable
 HERE = Path(__file__).resolve().parent
 TESTS = HERE.parent / "tests"
 MODELS = ("vit-floor", "vit-s16", "vit-b16", "vit-l16", "clip-l14-336", "blip-large", "qwen2-vl-2b-vision", "llava-1.5-7b")
-# What a build costs with almost no weights: the same ViT build (224 px, 1000 labels) with one
-# 32-wide layer, 0.1 M parameters. Its peak is the libraries' memory (imports, and what each
-# stage's torch.export, onnxscript and onnxruntime sessions keep once used), paid by any model;
-# the issue's "peak <= 4x FP32" is reported beside "(peak - this floor) / FP32". Not fitted.
+# The build's fixed cost: the same ViT build (224 px, 1000 labels) with one 32-wide layer (0.1 M
+# parameters); its peak is the libraries' memory, paid by any model. Not fitted; the issue's
+# "peak <= 4x FP32" is reported beside "(peak - this floor) / FP32".
 FLOOR_MODEL = "vit-floor"
 
 
@@ -305,10 +304,9 @@ def _fit(xs: list[float], ys: list[float]) -> float | None:
 def plot(out: Path, png: Path) -> dict[str, Any]:
     """time and peak RSS against exported parameters, log-log, with fitted exponents."""
     import matplotlib
-
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import matplotlib.ticker  # noqa: F401 - matplotlib.ticker.NullFormatter below
+    from matplotlib.ticker import NullFormatter
 
     rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
     rows = [r for r in rows if not r.get("error") and r.get("components")]
@@ -329,12 +327,10 @@ def plot(out: Path, png: Path) -> dict[str, Any]:
             "cpu_time_exponent": _fit(params, cpu) if all(cpu) else None,
             "cpu_time_exponent_vs_macs": _fit(*map(list, zip(*counted))) if len(counted) >= 2 else None,
             "rss_exponent": _fit(params, rss), "models": [r["model"] for r in rows], "parameters": params, "macs_per_sample": macs,
-            "build_floor_mb": floor, "peak_over_fp32": {}, "peak_less_floor_over_fp32": {}}
-    for r, peak in zip(rows, rss):
-        fp32_mb = sum(c["fp32_bytes"] for c in r["components"].values()) / 2**20
-        fits["peak_over_fp32"][r["model"]] = round(peak / fp32_mb, 2)
-        if floor is not None:
-            fits["peak_less_floor_over_fp32"][r["model"]] = round((peak - floor) / fp32_mb, 2)
+            "build_floor_mb": floor}
+    fp32_mb = [sum(c["fp32_bytes"] for c in r["components"].values()) / 2**20 for r in rows]
+    fits["peak_over_fp32"] = {r["model"]: round(peak / f, 2) for r, peak, f in zip(rows, rss, fp32_mb)}
+    fits["peak_less_floor_over_fp32"] = {r["model"]: round((peak - floor) / f, 2) for r, peak, f in zip(rows, rss, fp32_mb) if floor}
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, ys, label, key in ((axes[0], seconds, "build wall time (s)", "time_exponent"), (axes[1], rss, "peak RSS (MB)", "rss_exponent")):
         ax.loglog([p / 1e6 for p in params], ys, "o-")
@@ -342,13 +338,12 @@ def plot(out: Path, png: Path) -> dict[str, Any]:
             ax.annotate(r["model"], (p / 1e6, y), fontsize=7)
         exponent = fits[key]
         if key == "rss_exponent":  # the issue's bound, and what any build costs (not fitted)
-            fp32 = [sum(c["fp32_bytes"] for c in r["components"].values()) / 2**20 for r in rows]
-            ax.loglog([p / 1e6 for p in params], [4 * f for f in fp32], "--", color="grey", label="4x FP32")
+            ax.loglog([p / 1e6 for p in params], [4 * f for f in fp32_mb], "--", color="grey", label="4x FP32")
             if floor is not None:
                 ax.axhline(floor, color="grey", linestyle=":", label=f"{FLOOR_MODEL} build ({floor:.0f} MB)")
             ax.legend(fontsize=7)
         ax.set_title(f"{label}: exponent {exponent:.2f}" if exponent is not None else label)
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # the minor labels overlap
+        ax.xaxis.set_minor_formatter(NullFormatter())  # the minor labels overlap
         ax.set_xlabel("exported parameters (M)")
         ax.set_ylabel(label)
     fig.suptitle(f"vlm-export build, fp32+fp16+int8 — {rows[0]['machine_before']['cpu'] if rows else ''}", fontsize=9)
