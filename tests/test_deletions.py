@@ -6,7 +6,9 @@ ownership supplied by the code that created the path. The classes:
 1. temporary files/folders (name tag `TEMP_TAG`, or inside such a folder), among them
    the INT8 pre-pass's scratch copy of an inline graph (quantize.preprocess), made beside
    the prepared graph; and the graph writers that fill such folders
-   (export.layout_stream) create files only, never replacing one;
+   (export.layout_stream) create files only, never replacing one; and every graph write's
+   scratch folder (export.external.staged_output), which also removes the graph's own
+   external-data file when the graph it replaces named it and the new one is inline;
 2. staging folders of a build (their marker);
 3. folders set aside during a `--force` swap (a `.partial-` sibling of OUT that is a
    bundle or a marked staging folder), and the swap's journal;
@@ -176,6 +178,53 @@ def test_layout_writers_never_replace_a_file(vit_bundle: Path, tmp_path: Path) -
         inline_copy(made, folder / "model" / "model.safetensors")
     assert _snapshot(folder) == before
     assert write_inline(onnx.load(str(made), load_external_data=False), made.parent, folder / "new.onnx").is_file()  # control
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_graph_writes_remove_only_their_scratch_folder_and_their_own_stale_data(
+    vit_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fails: bool
+) -> None:
+    """export.external.staged_output, behind every graph write (export, FP16, both INT8
+    recipes, save_model), deletes in two places: its scratch folder beside the graph (class 1,
+    by its tag) and, when a graph once written with external data is rewritten inline, that
+    graph's own `NAME.onnx.data`. Since graphs over 128 MiB keep external data, the second
+    happens on real models. In a user's folder holding look-alikes (another graph's data
+    file, a data file named like ours but for another name, a tagged folder named for this
+    graph from an earlier run), only the folder this write made and the graph's own stale
+    data go; when the write fails, nothing is moved or deleted."""
+    import onnx
+
+    from vlm_export.export import external
+    from vlm_export.export.external import save_model
+
+    folder = tmp_path / "user"
+    _user_folder(folder)
+    (folder / "other.onnx.data").write_bytes(b"another graph's weights")
+    (folder / "g.onnx.data.bak").write_bytes(b"a user's copy")
+    (folder / f".g.onnx{TEMP_TAG}old").mkdir()
+    (folder / f".g.onnx{TEMP_TAG}old" / "keep.onnx").write_bytes(b"not this run's")
+    monkeypatch.chdir(folder)
+    source = vit_bundle / "vision" / "vision.fp32.onnx"
+    with monkeypatch.context() as m:
+        m.setattr(external, "EXTERNAL_THRESHOLD", 1024)
+        save_model(onnx.load(str(source)), folder / "g.onnx")  # the tool's first write: external data
+    assert (folder / "g.onnx.data").is_file()
+    before = _snapshot(folder)
+    if fails:
+        def broken(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - onnx.save_model's signature
+            raise RuntimeError("interrupted")
+
+        monkeypatch.setattr(onnx, "save_model", broken)
+        with pytest.raises(RuntimeError, match="interrupted"):
+            save_model(onnx.load(str(source)), folder / "g.onnx")
+        assert _snapshot(folder) == before
+    else:
+        save_model(onnx.load(str(source)), folder / "g.onnx")  # rewritten inline: its own data file is stale
+        after = _snapshot(folder)
+        assert after.pop("g.onnx") != before.pop("g.onnx") and "g.onnx.data" in before.keys() - after.keys()
+        before.pop("g.onnx.data")
+        assert after == before
+        assert onnx.load(str(folder / "g.onnx")).graph.initializer  # whole, inline
 
 
 # -- 2. staging folders ------------------------------------------------------------------
