@@ -319,3 +319,51 @@ def test_zero_shot_variants_run_with_the_pytorch_model_parked(clip_bundle: Path,
     for record in records:
         assert record.passed == built[record.variant]["passed"]
         assert record.metrics == pytest.approx(built[record.variant]["metrics"], abs=1e-6)
+
+
+def test_zero_shot_reuses_the_embeddings_parity_judged(clip_bundle: Path, tiny_clip_dir: Path, photo_dir: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Given the embeddings component parity's verdict sessions computed (what the build hands
+    it), the zero-shot check opens no session of its own, and its records are the build's;
+    past 8 parity images (the prompts are run once per chunk of 8 images) too, where they
+    equal those of the check's own sessions."""
+    import vlm_export.runtime.session as runtime_session
+    from vlm_export.build_parity import PARITY_RUN_BATCH, component_parity
+    from vlm_export.calibration.folder import load_image_folder
+    from vlm_export.families import detect
+    from vlm_export.progress import SilentReporter
+    from vlm_export.verify.feeds import SampleStream
+    from vlm_export.verify.kept_outputs import VariantOutputs
+
+    family = detect(tiny_clip_dir)
+    loaded = family.load(tiny_clip_dir)
+    photos = [img for _, img in load_image_folder(photo_dir, "--parity-images", lambda _: None)]
+    paths = {c: {k: clip_bundle / c / f"{c}.{k}.onnx" for k in ("fp32", "int8")} for c in ("vision", "text")}
+    labels = len(loaded.manifest_extra["clip"]["zero_shot_labels"])
+
+    def parity_kept(images: list) -> VariantOutputs:
+        stream = SampleStream(images, lambda batch, inputs: family.sample_inputs(loaded, batch, inputs), run_batch=PARITY_RUN_BATCH)
+        kept = VariantOutputs(family.end_to_end_outputs)
+        for spec in family.components(loaded):
+            component_parity(spec, paths[spec.name], stream, 2, SilentReporter(), kept=kept)
+        return kept
+
+    many = [photos[i % len(photos)] for i in range(9)]
+    own_sessions = family.end_to_end_parity(loaded, paths, many)
+    kept, kept_many = parity_kept(photos), parity_kept(many)
+    assert kept.get("vision", "int8")["image_embeds"].shape == (len(photos), loaded.model.config.projection_dim)
+    assert kept.get("text", "fp32")["text_embeds"].shape[0] == labels
+    assert kept_many.get("text", "fp32")["text_embeds"].shape[0] == 2 * labels
+    assert set(kept.get("text", "int8")) == {"text_embeds"}  # only what the check names, not every output
+
+    opened = []
+    monkeypatch.setattr(runtime_session, "create_session", lambda *a, **k: opened.append(a) or pytest.fail("a session"))
+    records = family.end_to_end_parity(loaded, paths, photos, kept)
+    records_many = family.end_to_end_parity(loaded, paths, many, kept_many)
+    assert opened == []
+    _, built = _records(clip_bundle)
+    assert [r.variant for r in records] == [r.variant for r in records_many] == ["fp32", "int8"]
+    for record, record_many, own in zip(records, records_many, own_sessions):
+        assert record.passed == built[record.variant]["passed"]
+        assert record.metrics == pytest.approx(built[record.variant]["metrics"], abs=1e-6)
+        assert record_many.metrics == pytest.approx(own.metrics, abs=1e-6) and record_many.samples == own.samples == 9

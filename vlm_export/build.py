@@ -21,6 +21,7 @@ from vlm_export.calibration.stream import CalibrationStream
 from vlm_export.engines.plan import record_ep_plans
 from vlm_export.errors import InputError
 from vlm_export.families import ComponentSpec, LoadedModel, detect
+from vlm_export.families.base import end_to_end_outputs
 from vlm_export.heap import release_freed_memory
 from vlm_export.progress import Reporter, SilentReporter
 from vlm_export.quantize import CalibrationMethod, FeedReader, Int8Config, to_fp16, to_int8_cpu, to_int8_qdq
@@ -28,6 +29,7 @@ from vlm_export.recipes import PRECISIONS, RECIPES, recipe
 from vlm_export.verify import ParityRecord
 from vlm_export.torch_offload import offloaded, others_offloaded
 from vlm_export.verify.feeds import SampleStream
+from vlm_export.verify.kept_outputs import VariantOutputs
 
 def parse_precisions(text: str) -> tuple[str, ...]:
     """"fp16,int8" → ("fp32", "fp16", "int8"): fp32 is the source of the others, always built."""
@@ -207,14 +209,14 @@ def _guard_int8_variants(
 
 def _parity(
     spec: ComponentSpec, paths: dict[str, Path], stream: SampleStream, opts: BuildOptions, reporter: Reporter,
-    conditions: dict[str, Any] | None = None,
+    conditions: dict[str, Any] | None = None, kept: VariantOutputs | None = None,
 ) -> list[ParityRecord]:
     """Verdicts per variant and batch-1 latency beside PyTorch, one variant's session at a
     time (build_parity); the measurement's machine state goes to `conditions[spec.name]`
-    (parity.json "latency_conditions")."""
+    (parity.json "latency_conditions"), the outputs the end-to-end check reuses to `kept`."""
     from vlm_export.build_parity import component_parity
 
-    return component_parity(spec, paths, stream, opts.latency_runs, reporter, conditions, opts.latency_budget_s)
+    return component_parity(spec, paths, stream, opts.latency_runs, reporter, conditions, opts.latency_budget_s, kept)
 
 
 def _component_manifest(
@@ -280,15 +282,16 @@ def build(opts: BuildOptions, reporter: Reporter | None = None) -> BuildResult:
         calib = _calibration_data(opts, family, loaded, reporter, quantized) if "int8" in opts.precisions else None
         result = BuildResult(out=opts.out)
         components, all_paths, latency_conditions = {}, {}, {}
+        kept = VariantOutputs(end_to_end_outputs(family))  # parity's judged outputs the end-to-end check reuses
         for spec in specs:
             # the other components' PyTorch weights wait on disk meanwhile (torch_offload)
             with others_offloaded(spec.module, [other.module for other in specs]):
                 paths = all_paths[spec.name] = _build_variants(spec, writer, opts, calib, reporter, result.guard, result.methods)
                 release_freed_memory()  # before parity's sessions (one variant at a time)
-                records = _parity(spec, paths, parity_stream, opts, reporter, latency_conditions)
+                records = _parity(spec, paths, parity_stream, opts, reporter, latency_conditions, kept)
             result.records.extend(records)
             components[spec.name] = _component_manifest(spec, paths, writer, records, opts.precisions)
-        end_to_end = _end_to_end(family, loaded, all_paths, [img for _, img in parity_images], reporter)
+        end_to_end = _end_to_end(family, loaded, all_paths, [img for _, img in parity_images], reporter, kept)
         result.end_to_end = end_to_end
         parity = {
             "machine": _machine(),
@@ -327,14 +330,18 @@ def _machine() -> dict[str, Any]:
     return {**cpu_info(), "onnxruntime": onnxruntime.__version__, "torch": torch.__version__}
 
 
-def _end_to_end(family: Any, loaded: LoadedModel, paths: dict[str, dict[str, Path]], images: list[Any], reporter: Reporter) -> list[dict[str, Any]]:
-    """The family's end-to-end parity records (zero-shot argmax, captions) as JSON, when it has one."""
+def _end_to_end(
+    family: Any, loaded: LoadedModel, paths: dict[str, dict[str, Path]], images: list[Any], reporter: Reporter,
+    kept: VariantOutputs,
+) -> list[dict[str, Any]]:
+    """The family's end-to-end parity records (zero-shot argmax, captions) as JSON, when it
+    has one; `kept` holds the component parity's judged outputs it asked for."""
     from vlm_export.families.base import EndToEndParity
 
     if not isinstance(family, EndToEndParity):
         return []
     with reporter.task(f"End-to-end parity ({family.name})"):
-        return [record.to_json() for record in family.end_to_end_parity(loaded, paths, images)]
+        return [record.to_json() for record in family.end_to_end_parity(loaded, paths, images, kept)]
 
 
 def _copy_bundle_files(loaded: LoadedModel, writer: BundleWriter) -> dict[str, dict[str, Any]]:

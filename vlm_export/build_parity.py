@@ -30,6 +30,7 @@ from vlm_export.heap import release_freed_memory
 from vlm_export.progress import Reporter
 from vlm_export.recipes import recipe
 from vlm_export.verify.feeds import SampleStream, run_stream
+from vlm_export.verify.kept_outputs import VariantOutputs
 from vlm_export.verify.latency import LatencyResult, interleaved, split_runs
 from vlm_export.verify.records import ParityRecord
 
@@ -50,10 +51,12 @@ PARITY_RUN_BATCH = 1
 def component_parity(
     spec: ComponentSpec, paths: dict[str, Path], stream: SampleStream, latency_runs: int, reporter: Reporter,
     conditions: dict[str, Any] | None = None, budget_s: float | None = LATENCY_BUDGET_S,
+    kept: VariantOutputs | None = None,
 ) -> list[ParityRecord]:
     """Verdict records of every variant in `paths` against PyTorch FP32 on `stream`, each
     with its batch-1 latency beside PyTorch; the measurement's machine state and method go to
-    `conditions[spec.name]` (parity.json "latency_conditions")."""
+    `conditions[spec.name]` (parity.json "latency_conditions"), and the judged outputs the
+    family's end-to-end check reuses to `kept`."""
     from vlm_export.export import torch_outputs
 
     stream = stream.for_inputs([t.name for t in spec.inputs])
@@ -66,7 +69,7 @@ def component_parity(
         task.advance()
         for key, path in paths.items():
             record, pairs[key] = _variant(spec, key, path, stream, reference, lambda: torch_outputs(spec, one), one,
-                                          (rounds, per_round, budget_s))
+                                          (rounds, per_round, budget_s), kept)
             records.append(record)
             release_freed_memory()  # the closed sessions' heap, before the next variant's
             task.advance()
@@ -87,8 +90,10 @@ def _outputs(session: Any, stream: SampleStream) -> dict[str, np.ndarray]:
 def _variant(
     spec: ComponentSpec, key: str, path: Path, stream: SampleStream, reference: dict[str, np.ndarray],
     pytorch: Callable[[], object], one: dict[str, np.ndarray], plan: tuple[int, int, float | None],
+    kept: VariantOutputs | None,
 ) -> tuple[ParityRecord, LatencyResult]:
-    """One variant: its CPU session's outputs and latency pair, then (QDQ) its verdict session's outputs."""
+    """One variant: its CPU session's outputs and latency pair, then (QDQ) its verdict
+    session's outputs; those judged are kept for the end-to-end check when it wants them."""
     from vlm_export.recipes import Evaluation
     from vlm_export.verify import compare, evaluate
     from vlm_export.verify.evaluation import ort_cpu_session, verdict_session
@@ -104,6 +109,8 @@ def _variant(
     else:
         judged = _outputs(verdict_session(path, key), stream)
     record = evaluate(spec, key, made.precision, reference, judged, evaluation=made.evaluation)
+    if kept is not None:
+        kept.keep(spec.name, key, judged)
     if judged is not outputs:  # reported beside the verdict, labelled, never judged
         record.beside["ort_cpu_kernels"] = compare(reference[spec.parity_output], outputs[spec.parity_output], spec.parity_kind)
     return record, pair

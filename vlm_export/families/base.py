@@ -19,6 +19,7 @@ if TYPE_CHECKING:  # build-time types only; importing this module never imports 
     import numpy as np
     import torch
 
+    from vlm_export.verify.kept_outputs import VariantOutputs
     from vlm_export.verify.records import ParityRecord
 
 
@@ -172,8 +173,21 @@ class EndToEndParity(Protocol):
     verify.ParityRecord end-to-end records (built with `verify.check_variants` from a
     reference function, a candidate function and a compare function), stored in
     parity.json under "end_to_end"; a failed one fails the build like a component record.
+
+    `kept` (verify.kept_outputs.VariantOutputs), when given, holds the outputs the
+    component parity's verdict sessions gave on the same images for the names the family
+    lists in `end_to_end_outputs` ({component: (output, ...)}); a check that reuses them
+    opens no session of its own for those (None: the check computes them itself).
     """
 
+    end_to_end_outputs: Mapping[str, tuple[str, ...]]
+
     def end_to_end_parity(
-        self, loaded: LoadedModel, variants: Mapping[str, Mapping[str, Path]], images: Sequence[Any]
+        self, loaded: LoadedModel, variants: Mapping[str, Mapping[str, Path]], images: Sequence[Any],
+        kept: "VariantOutputs | None" = None,
     ) -> "list[ParityRecord]": ...
+
+
+def end_to_end_outputs(family: object) -> Mapping[str, tuple[str, ...]]:
+    """The component outputs `family`'s end-to-end check reuses from parity ({} without one)."""
+    return family.end_to_end_outputs if isinstance(family, EndToEndParity) else {}

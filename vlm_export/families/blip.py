@@ -29,6 +29,7 @@ from vlm_export.runtime.blip import cross_names, past_names, present_names
 
 if TYPE_CHECKING:
     from vlm_export.verify import ParityRecord
+    from vlm_export.verify.kept_outputs import VariantOutputs
 
 ARCHITECTURE = "BlipForConditionalGeneration"
 # Greedy steps run before the decoder's calibration/parity samples are taken: the samples
@@ -187,8 +188,12 @@ class BlipFamily:
         feed |= {n: t.numpy() for n, t in zip(past_names(layers), past)}
         return feed
 
+    # Nothing reused from parity: captions come from generation, not from one component's outputs.
+    end_to_end_outputs: Mapping[str, tuple[str, ...]] = {}
+
     def end_to_end_parity(
-        self, loaded: LoadedModel, variants: Mapping[str, Mapping[str, Path]], images: Sequence[Any]
+        self, loaded: LoadedModel, variants: Mapping[str, Mapping[str, Path]], images: Sequence[Any],
+        kept: VariantOutputs | None = None,
     ) -> list[ParityRecord]:
         """Runtime captions vs `model.generate(do_sample=False)` per variant, plus latency."""
         from vlm_export.families.blip_parity import caption_parity

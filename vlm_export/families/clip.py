@@ -30,6 +30,7 @@ from vlm_export.families.loading import load_pretrained, read_config
 
 if TYPE_CHECKING:
     from vlm_export.verify import ParityRecord
+    from vlm_export.verify.kept_outputs import VariantOutputs
 
 PROMPT_TEMPLATE = "a photo of a {label}"
 
@@ -103,38 +104,60 @@ class ClipFamily:
         """Pixels of `images` and the tokens of "a photo of a {label}" over ZERO_SHOT_LABELS."""
         return {"pixel_values": pixel_values(loaded.extra["processor"], images), **_prompt_tokens(loaded, ZERO_SHOT_LABELS)}
 
+    # What the zero-shot check reuses of component parity's verdict outputs (verify.kept_outputs).
+    end_to_end_outputs = {"vision": ("image_embeds",), "text": ("text_embeds",)}
+
     def end_to_end_parity(
-        self, loaded: LoadedModel, variants: Mapping[str, Mapping[str, Path]], images: Sequence[Any]
+        self, loaded: LoadedModel, variants: Mapping[str, Mapping[str, Path]], images: Sequence[Any],
+        kept: VariantOutputs | None = None,
     ) -> list[ParityRecord]:
-        """Zero-shot of every variant (parity images × label prompts) against `CLIPModel.forward`."""
+        """Zero-shot of every variant (parity images × label prompts) against `CLIPModel.forward`.
+
+        A variant's embeddings are those its component parity judged (`kept`) when given;
+        else its verdict sessions compute them here, one sample a run as parity runs them
+        (build_parity.PARITY_RUN_BATCH), so both ways give the same logits.
+        """
         import torch
 
         from vlm_export.runtime.clip import zero_shot_logits
         from vlm_export.torch_offload import offloaded
         from vlm_export.verify import CompareFunc, check_variants
-        from vlm_export.verify.evaluation import verdict_session
 
         feed = self.sample_inputs(loaded, images)
         scale = float(loaded.manifest_extra["clip"]["logit_scale"])
+        towers = {"vision": ("image_embeds", ("pixel_values",)), "text": ("text_embeds", ("input_ids", "attention_mask"))}
 
         def reference() -> np.ndarray:
             with torch.no_grad():
                 return loaded.model(**{k: torch.from_numpy(v) for k, v in feed.items()}).logits_per_image.double().numpy()
 
+        def embeds(tower: str, key: str) -> np.ndarray:
+            output, inputs = towers[tower]
+            judged = kept.get(tower, key) if kept is not None else None
+            if judged is None:
+                judged = _session_outputs(variants[tower][key], key, output, {k: feed[k] for k in inputs})
+            # parity's text samples are the prompts once per chunk of 8 images (verify.feeds.SampleStream)
+            return judged[output][: len(ZERO_SHOT_LABELS)] if tower == "text" else judged[output]
+
         def candidate(key: str) -> np.ndarray:
-            vision = verdict_session(variants["vision"][key], key)
-            text = verdict_session(variants["text"][key], key)
-            image_embeds = vision.run(["image_embeds"], {"pixel_values": feed["pixel_values"]})[0]
-            text_embeds = text.run(["text_embeds"], {k: feed[k] for k in ("input_ids", "attention_mask")})[0]
-            return zero_shot_logits(image_embeds, text_embeds, scale)
+            return zero_shot_logits(embeds("vision", key), embeds("text", key), scale)
 
         keys = [k for k in variants.get("vision", {}) if k in variants.get("text", {})]
         expected = reference()
-        # The variants' sessions run without PyTorch beside them: its weights wait on disk (both
+        # Sessions made here run without PyTorch beside them: its weights wait on disk (both
         # towers, 1.7 GB at ViT-L/14-336, where this check set the build's peak).
         with offloaded(loaded.model):
             return check_variants("zero_shot", keys, lambda: expected, candidate, CompareFunc.zero_shot(scale),
                                   lambda key, logits: {"labels": len(ZERO_SHOT_LABELS)})
+
+
+def _session_outputs(path: Path, key: str, output: str, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`output` of `key`'s verdict session over `feed`, one sample a run (as component parity)."""
+    from vlm_export.verify import run_batched
+    from vlm_export.verify.evaluation import verdict_session
+
+    session = verdict_session(path, key)
+    return run_batched(lambda f: {output: session.run([output], f)[0]}, feed, 1)
 
 
 def _vision_spec(loaded: LoadedModel) -> ComponentSpec:

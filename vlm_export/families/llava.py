@@ -31,6 +31,7 @@ from vlm_export.families.safetensors_parts import load_parts
 
 if TYPE_CHECKING:
     from vlm_export.verify import ParityRecord
+    from vlm_export.verify.kept_outputs import VariantOutputs
 
 # Vision towers whose LLaVA export is supported, by the vision_config's model_type; the
 # value says whether the tower puts a CLS token before the patches.
@@ -99,8 +100,14 @@ class LlavaFamily:
             feed |= language_samples(loaded, image_features(loaded, feed["pixel_values"]))
         return feed
 
+    # Nothing reused from parity: its check runs the verdict sessions itself, an image at a time.
+    # Why: kept, LLaVA-1.5-7B's image_features would hold 75 MB per variant (8 images x 576 x 4096
+    # floats) from parity to this check; CLIP's embeddings are a few KB (verify.kept_outputs).
+    end_to_end_outputs: Mapping[str, tuple[str, ...]] = {}
+
     def end_to_end_parity(
-        self, loaded: LoadedModel, variants: Mapping[str, Mapping[str, Path]], images: Sequence[Any]
+        self, loaded: LoadedModel, variants: Mapping[str, Mapping[str, Path]], images: Sequence[Any],
+        kept: VariantOutputs | None = None,
     ) -> list[ParityRecord]:
         """Each variant against the real `get_image_features` (not the export wrapper), an
         image at a time: `get_image_features` keeps every layer's hidden states to pick one

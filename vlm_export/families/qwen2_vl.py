@@ -29,6 +29,7 @@ from vlm_export.runtime.qwen2_vl import PatchRange, Qwen2VLPreprocessConfig, Qwe
 
 if TYPE_CHECKING:
     from vlm_export.verify import ParityRecord
+    from vlm_export.verify.kept_outputs import VariantOutputs
 
 # (width, height) of the per-resolution parity check: square, 4:3 both ways, large, tall, wide.
 PARITY_SIZES: tuple[tuple[int, int], ...] = ((224, 224), (448, 336), (640, 480), (896, 896), (280, 1120), (1120, 280))
@@ -236,8 +237,12 @@ class Qwen2VLFamily:
                 samples.setdefault(name, []).append(array)
         return samples | (language_samples(loaded, self, images) if needs_beyond(inputs, samples) else {})
 
+    # Nothing reused from parity: this check runs images at PARITY_SIZES, not the parity images.
+    end_to_end_outputs: Mapping[str, tuple[str, ...]] = {}
+
     def end_to_end_parity(
-        self, loaded: LoadedModel, variants: Mapping[str, Mapping[str, Path]], images: Sequence[Any]
+        self, loaded: LoadedModel, variants: Mapping[str, Mapping[str, Path]], images: Sequence[Any],
+        kept: VariantOutputs | None = None,
     ) -> list[ParityRecord]:
         """Each variant vs the model's own `get_image_features` at PARITY_SIZES, one ONNX file each.
 
