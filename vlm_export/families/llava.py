@@ -101,8 +101,9 @@ class LlavaFamily:
         return feed
 
     # Nothing reused from parity: its check runs the verdict sessions itself, an image at a time.
-    # Why: kept, LLaVA-1.5-7B's image_features would hold 75 MB per variant (8 images x 576 x 4096
-    # floats) from parity to this check; CLIP's embeddings are a few KB (verify.kept_outputs).
+    # Why: kept, the image_features would stay in memory from parity to this check, 9.4 MB per
+    # image and variant at LLaVA-1.5-7B (576 x 4096 floats), growing with the parity folder;
+    # CLIP's embeddings are 3 KB per image (verify.kept_outputs).
     end_to_end_outputs: Mapping[str, tuple[str, ...]] = {}
 
     def end_to_end_parity(
