@@ -21,7 +21,7 @@ from vlm_export.calibration.stream import CalibrationStream
 from vlm_export.engines.plan import record_ep_plans
 from vlm_export.errors import InputError
 from vlm_export.families import ComponentSpec, LoadedModel, detect
-from vlm_export.families.base import end_to_end_outputs
+from vlm_export.families.base import EndToEndParity, end_to_end_outputs
 from vlm_export.heap import release_freed_memory
 from vlm_export.progress import Reporter, SilentReporter
 from vlm_export.quantize import CalibrationMethod, FeedReader, Int8Config, to_fp16, to_int8_cpu, to_int8_qdq
@@ -336,8 +336,6 @@ def _end_to_end(
 ) -> list[dict[str, Any]]:
     """The family's end-to-end parity records (zero-shot argmax, captions) as JSON, when it
     has one; `kept` holds the component parity's judged outputs it asked for."""
-    from vlm_export.families.base import EndToEndParity
-
     if not isinstance(family, EndToEndParity):
         return []
     with reporter.task(f"End-to-end parity ({family.name})"):
